@@ -8,7 +8,7 @@ from pathlib import Path
 from dsv4.rl.monitor import read_metrics
 from dsv4.rl.recipe import TrainConfig, run_recipe
 
-SMALL_MODEL = dict(vocab_size=16, hidden_size=64, num_hidden_layers=3, head_dim=32, qk_rope_head_dim=16,
+SMALL_MODEL = dict(vocab_size=16, hidden_size=64, num_hidden_layers=3, head_dim=32, qk_rope_head_dim=16, q_lora_rank=32, o_lora_rank=16,
                    index_head_dim=32, moe_intermediate_size=64,
                    layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
                    mlp_layer_types=["hash_moe", "moe", "moe"], max_position_embeddings=64, num_nextn_predict_layers=1)
@@ -81,3 +81,15 @@ def test_reward_rises_against_the_permuted_control(tmp_path: Path) -> None:
     control_last = sum(control[-10:]) / 10
     assert last > first + 0.04, (first, last)
     assert last > control_last + 0.1, (last, control_last)
+
+
+def test_model_and_engine_overrides_change_one_key() -> None:
+    # `dsv4 train model.sliding_window=16` must not replace the recipe's model with a one-key dict
+    import dsv4
+    from dsv4.core.runconfig import load_run_config
+    from dsv4.rl.recipe import ADDITION_MODEL
+
+    recipe = Path(dsv4.__file__).parent / "recipes" / "addition.yaml"
+    cfg = load_run_config(TrainConfig, recipe, ["model.sliding_window=16", "engine.max_num_seqs=64"])
+    assert cfg.model == {**ADDITION_MODEL, "sliding_window": 16}
+    assert cfg.engine.max_num_seqs == 64 and cfg.engine.max_model_len == 32  # the recipe's, kept

@@ -42,6 +42,17 @@ def test_digit_mix() -> None:
     assert all(max(p.operands) < 100 for p in AdditionTask(max_digits=2, seed=1).sample(300))
 
 
+def test_digit_weights() -> None:
+    task = AdditionTask(max_digits=3, seed=1, digit_weights=[0, 1, 3])
+    longest = Counter(max(len(str(a)), len(str(b))) for a, b in (p.operands for p in task.sample(4000)))
+    assert 0.65 < longest[3] / 4000 < 0.85  # 3/4 of the draws, plus the rare short 3-digit pair lost
+    assert longest[1] < 0.05 * 4000  # only 2-digit draws with two 1-digit operands (1/100 of them)
+    with pytest.raises(ValueError, match="digit_weights"):
+        AdditionTask(max_digits=3, digit_weights=[1, 1])
+    with pytest.raises(ValueError, match="digit_weights"):
+        AdditionTask(max_digits=2, digit_weights=[0, 0])
+
+
 def test_deterministic_given_the_seed() -> None:
     a, b = AdditionTask(seed=7), AdditionTask(seed=7)
     assert a.sample(50) == b.sample(50)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from loguru import logger
-from pydantic import Field
+from pydantic import Field, field_validator
 from tqdm import tqdm
 
 from dsv4.core.config import ModelConfig
@@ -44,6 +44,8 @@ ADDITION_MODEL: dict[str, Any] = dict(
     routed_scaling_factor=1.5, swiglu_limit=10.0, max_position_embeddings=64, num_nextn_predict_layers=1,
 )
 
+_RECIPE_ENGINE: dict[str, Any] = dict(max_model_len=32, max_num_seqs=512, max_num_batched_tokens=8192)
+
 
 class TrainConfig(RunConfigModel):
     """A training recipe (YAML + ``key=value`` overrides)."""
@@ -52,13 +54,13 @@ class TrainConfig(RunConfigModel):
     seed: int = 0
     task: str = "addition"
     max_digits: int = Field(default=3, ge=1, le=6)
+    digit_weights: list[float] | None = None  # relative frequency of 1..max_digits-digit problems
     init_from: str | None = None  # a checkpoint directory; None: a fresh model from `model`
     model: dict[str, Any] = Field(default_factory=lambda: dict(ADDITION_MODEL))
     init_std: float = Field(default=0.02, gt=0)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
-    engine: EngineConfig = Field(default_factory=lambda: EngineConfig(max_model_len=32, max_num_seqs=512,
-                                                                        max_num_batched_tokens=8192))
+    engine: EngineConfig = Field(default_factory=lambda: EngineConfig(**_RECIPE_ENGINE))
     verifier: str = "numeric"
     verifier_options: dict[str, Any] = Field(default_factory=dict)
     eval_problems: int = Field(default=300, ge=1)  # held-out problems for the accuracy metric
@@ -66,6 +68,18 @@ class TrainConfig(RunConfigModel):
     max_logprob_diff: float | None = 1e-3  # metric band on rollout_vs_train_logprob_abs_diff_max
     export_dir: str | None = None  # copy the final model (+ tokenizer) here
     progress: bool = True
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_over_default(cls, value: Any) -> Any:
+        """``model.<key>=…`` changes that key of the recipe's model; the other keys keep their defaults."""
+        return {**ADDITION_MODEL, **value} if isinstance(value, dict) else value
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine_over_default(cls, value: Any) -> Any:
+        """``engine.<key>=…`` changes that key; the recipe's engine sizes stay unless overridden."""
+        return {**_RECIPE_ENGINE, **value} if isinstance(value, dict) else value
 
 
 def run_recipe(config: TrainConfig) -> dict[str, Any]:
@@ -80,7 +94,8 @@ def run_recipe(config: TrainConfig) -> dict[str, Any]:
     task = AdditionTask(config.max_digits, seed=config.seed)
 
     def train_problems(n: int, salt: int) -> list[Problem]:
-        return AdditionTask(config.max_digits, seed=config.seed * 7_919 + salt).sample(n, "train")
+        stream = AdditionTask(config.max_digits, seed=config.seed * 7_919 + salt, digit_weights=config.digit_weights)
+        return stream.sample(n, "train")
 
     # The acceptance metric: unseen additions of two 3-digit numbers (held-out problems of the task's own
     # size when it is smaller).

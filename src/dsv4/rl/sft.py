@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +26,11 @@ class SFTConfig(BaseModel):
     max_steps: int = Field(default=3000, ge=0)
     batch_size: int = Field(default=64, ge=1)
     lr: float = Field(default=1e-3, gt=0)
+    # Learning-rate schedule: linear warm-up over ``warmup_steps``, then constant or cosine decay to
+    # ``min_lr_ratio · lr`` at ``max_steps``. A function of the step alone, so resume is exact.
+    warmup_steps: int = Field(default=0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
     mtp_coef: float = Field(default=0.3, ge=0)  # weight of the MTP head's next-next-token loss
@@ -75,8 +82,22 @@ class SFTTrainer:
             stats["indexer_kl"] = float(kl.detach())
         return total, stats
 
+    def lr_at(self, step: int) -> float:
+        """The learning rate of (0-based) ``step``."""
+        cfg = self.config
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return cfg.lr
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
     def step(self, step: int) -> dict[str, float]:
         """One optimisation step on a fresh batch; its metrics."""
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.policy.train()
         loss, stats = self.loss(self.sample_problems(self.config.batch_size, step))
         self.optimizer.zero_grad(set_to_none=True)
@@ -84,4 +105,4 @@ class SFTTrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.policy.eval()
-        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), **stats}
+        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": lr, **stats}

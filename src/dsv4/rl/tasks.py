@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -65,15 +66,21 @@ def split_of(a: int, b: int) -> Split:
 class AdditionTask:
     """Random addition problems of up to ``max_digits`` digits per operand, deterministic given ``seed``.
 
-    A problem draws ``d`` uniformly from ``1..max_digits``, then both operands uniformly from ``0..10^d − 1``,
-    so 1-, 2- and 3-digit problems appear equally often (by the larger operand's range) and short operands
-    mix with long ones. Samples are i.i.d.: repeats are possible, as in a stream of fresh problems.
+    A problem draws ``d`` from ``1..max_digits`` (uniformly, or in proportion to ``digit_weights``), then
+    both operands uniformly from ``0..10^d − 1``, so (unweighted) 1-, 2- and 3-digit problems appear
+    equally often (by the larger operand's range) and short operands mix with long ones. Samples are i.i.d.: repeats are possible, as in a stream of fresh problems.
     """
 
-    def __init__(self, max_digits: int = 3, *, seed: int = 0) -> None:
+    def __init__(self, max_digits: int = 3, *, seed: int = 0, digit_weights: Sequence[float] | None = None) -> None:
         if max_digits < 1:
             raise ValueError(f"max_digits={max_digits}: need at least 1")
+        if digit_weights is not None:
+            if len(digit_weights) != max_digits or min(digit_weights) < 0 or sum(digit_weights) <= 0:
+                raise ValueError(
+                    f"digit_weights={list(digit_weights)}: need {max_digits} non-negative weights, not all zero"
+                )
         self.max_digits = max_digits
+        self.digit_weights = list(digit_weights) if digit_weights is not None else None
         self.seed = seed
         self._rngs: dict[str, random.Random] = {s: random.Random(f"{seed}:{s}") for s in ("train", "heldout")}
 
@@ -88,7 +95,10 @@ class AdditionTask:
             tries += 1
             if tries > _MAX_TRIES_PER_PROBLEM * n:
                 raise RuntimeError(f"no {split} problem found with max_digits={self.max_digits}")
-            d = rng.randint(1, self.max_digits)
+            if self.digit_weights is None:
+                d = rng.randint(1, self.max_digits)
+            else:
+                d = rng.choices(range(1, self.max_digits + 1), weights=self.digit_weights)[0]
             a, b = rng.randrange(10**d), rng.randrange(10**d)
             if split_of(a, b) == split:
                 out.append(Problem.of(a, b))
