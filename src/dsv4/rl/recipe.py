@@ -36,7 +36,7 @@ __all__ = ["TrainConfig", "run_recipe"]
 # A small DeepSeek-V4 for the addition task: every layer type, hash and routed MoE, an MTP block.
 ADDITION_MODEL: dict[str, Any] = dict(
     vocab_size=16, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, head_dim=64,
-    qk_rope_head_dim=16, q_lora_rank=64, o_groups=2, o_lora_rank=64, sliding_window=8,
+    qk_rope_head_dim=32, rope_theta=1000.0, q_lora_rank=64, o_groups=2, o_lora_rank=64, sliding_window=16,
     layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
                  "sliding_attention"],
     compress_ratio_hca=8, mlp_layer_types=["hash_moe", "moe", "moe", "moe"], index_n_heads=16,
@@ -64,6 +64,7 @@ class TrainConfig(RunConfigModel):
     verifier: str = "numeric"
     verifier_options: dict[str, Any] = Field(default_factory=dict)
     eval_problems: int = Field(default=300, ge=1)  # held-out problems for the accuracy metric
+    grpo_eval_every: int = Field(default=25, ge=1)  # GRPO steps between held-out evaluations
     checkpoint_every: int = Field(default=100, ge=1)
     max_logprob_diff: float | None = 1e-3  # metric band on rollout_vs_train_logprob_abs_diff_max
     export_dir: str | None = None  # copy the final model (+ tokenizer) here
@@ -154,7 +155,7 @@ def run_recipe(config: TrainConfig) -> dict[str, Any]:
         while step < grpo_cfg.steps:
             metrics = grpo.step(step)
             step += 1
-            if step % config.sft.eval_every == 0 or step == grpo_cfg.steps:
+            if step % config.grpo_eval_every == 0 or step == grpo_cfg.steps:
                 metrics["heldout_accuracy"] = evaluate()
             bands.check(metrics)
             log.log(step, metrics)
