@@ -59,8 +59,12 @@ def test_artefacts_and_self_checks(tmp_path: Path) -> None:
     # the exported directory is a normal checkpoint the engine serves
     from dsv4 import Engine, SamplingParams
 
-    out = Engine(final, max_model_len=16).generate(["3+4="], SamplingParams(temperature=0, max_tokens=3))
+    engine = Engine(final, max_model_len=16)
+    out = engine.generate(["3+4="], SamplingParams(temperature=0, max_tokens=3))
     assert out[0].outputs[0].finish_reason in ("stop", "length")
+    assert engine.tokenizer is not None  # chat requests: the last user message is the prompt
+    chat = engine.tokenizer.apply_chat_template([{"role": "system", "content": "x"}, {"role": "user", "content": "3+4="}])
+    assert engine.tokenizer.encode(chat, add_special_tokens=False) == engine.tokenizer.encode("3+4=")
 
 
 def test_reward_rises_against_the_permuted_control(tmp_path: Path) -> None:

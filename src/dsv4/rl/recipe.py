@@ -179,12 +179,18 @@ def run_recipe(config: TrainConfig) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------- helpers
+# The model is a completion model: a chat request's last user message is its prompt ("123+456=").
+ADDITION_CHAT_TEMPLATE = (
+    "{% set users = messages | selectattr('role', 'equalto', 'user') | list %}"
+    "{{ bos_token }}{% if users %}{{ users[-1]['content'] }}{% endif %}"
+)
+
+
 def _tokenizer(path: Path) -> Tokenizer:
     from dsv4.testing.tokenizers import write_char_tokenizer
 
-    if (path / "tokenizer.json").is_file():
-        return Tokenizer.from_pretrained(path)
-    return write_char_tokenizer(path, ALPHABET)
+    # Deterministic content: (re)writing it on resume changes nothing but brings older runs up to date.
+    return write_char_tokenizer(path, ALPHABET, chat_template=ADDITION_CHAT_TEMPLATE)
 
 
 def _policy(config: TrainConfig) -> Transformer:

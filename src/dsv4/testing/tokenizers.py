@@ -100,9 +100,9 @@ def write_byte_tokenizer(
 
 
 def write_char_tokenizer(
-    path: str | os.PathLike[str], alphabet: str, *, extra_special: Sequence[str] = ()
+    path: str | os.PathLike[str], alphabet: str, *, extra_special: Sequence[str] = (), chat_template: str | None = None
 ) -> Tokenizer:
-    """Write a character-level tokenizer into ``path``; return it loaded.
+    """Write a character-level tokenizer (with ``chat_template``, if given) into ``path``; return it loaded.
 
     Ids: 0 ``BOS``, 1 ``EOS``, then one per character of ``alphabet`` in order, then ``extra_special`` (special
     tokens, skipped by ``decode``). A character outside the alphabet is dropped by ``encode`` (there is no unknown
@@ -121,7 +121,7 @@ def write_char_tokenizer(
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in (BOS, EOS, *extra)])
-    _save(Path(path), backend, None)
+    _save(Path(path), backend, chat_template)
     return Tokenizer.from_pretrained(path)
 
 
