@@ -1,6 +1,7 @@
 """Checkpoint reading/writing against transformers' DeepseekV4ForCausalLM as the independent oracle."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,10 @@ def test_sharded_save_round_trips(tmp_path: Path, hf_dir: Path, tensors: dict[st
     shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
     assert len(shards) > 3 and set(index["weight_map"].values()) == set(shards)
     assert not (tmp_path / "model.safetensors").exists()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for shard in tmp_path.glob("*.safetensors"):  # readable like any file the user writes, not 0600
+        assert shard.stat().st_mode & 0o777 == 0o666 & ~umask
     assert_same(read_checkpoint(tmp_path), tensors)
     assert torch.equal(logits(load_hf(tmp_path)), logits(hf_model))
 

@@ -68,14 +68,15 @@ def test_artefacts_and_self_checks(tmp_path: Path) -> None:
 
 
 def test_reward_rises_against_the_permuted_control(tmp_path: Path) -> None:
-    """The CI-sized learning recipe: 1-digit addition, SFT to 30%, then 40 GRPO steps with the numeric
-    verifier — and the same with rewards shuffled within each step, which must not improve."""
+    """The CI-sized learning recipe: 1-digit addition, SFT to 30%, then 60 GRPO steps with the numeric
+    verifier — and the same with rewards shuffled within each step, which must not improve. (Measured:
+    sampled reward 0.61 -> 0.72 vs the control's 0.32 -> 0.02 with 2 threads; 0.48 -> 0.64 with 1.)"""
 
     def run(name: str, permute: bool) -> list[float]:
         cfg = TrainConfig.model_validate(dict(
-            output_dir=str(tmp_path / name), max_digits=1, seed=3, eval_problems=100, checkpoint_every=1000,
+            output_dir=str(tmp_path / name), max_digits=1, seed=0, eval_problems=100, checkpoint_every=1000,
             progress=False, sft=dict(batch_size=32, eval_every=20, target_accuracy=(0.3, 0.7), max_steps=400),
-            grpo=dict(steps=40, prompts_per_step=16, lr=3e-4, permute_rewards=permute),
+            grpo=dict(steps=60, prompts_per_step=16, lr=3e-4, permute_rewards=permute),
         ))
         run_recipe(cfg)
         return [r["reward_mean"] for r in read_metrics(tmp_path / name / "grpo_metrics.jsonl")]

@@ -243,7 +243,22 @@ def _is_checkpoint_file(name: str) -> bool:
 def _write_file(tensors: dict[str, torch.Tensor], file: Path) -> None:
     """Write one safetensors file and flush it to disk (tests replace this to simulate a crash)."""
     save_file(tensors, str(file), metadata={"format": "pt"})
+    file_mode_from_umask(file)
     fsync_path(file)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def file_mode_from_umask(path: Path) -> None:
+    """Give ``path`` the permissions a plain ``open(path, "w")`` would (safetensors creates files 0600)."""
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def fsync_path(path: Path) -> None:

@@ -36,7 +36,7 @@ from loguru import logger
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsv4.checkpoint.io import fsync_path, standalone_tensors
+from dsv4.checkpoint.io import file_mode_from_umask, fsync_path, standalone_tensors
 from dsv4.checkpoint.io import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, CheckpointError, check_tensors, official_name
 from dsv4.model import Transformer, save_model
 
@@ -162,6 +162,7 @@ def _standalone(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.
 def _write_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
     """Write one safetensors file and flush it to disk (tests replace this to simulate a crash)."""
     save_file(tensors, str(file), metadata={"format": "pt"})
+    file_mode_from_umask(file)
     _fsync(file)
 
 
