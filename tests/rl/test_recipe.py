@@ -98,3 +98,11 @@ def test_model_and_engine_overrides_change_one_key() -> None:
     cfg = load_run_config(TrainConfig, recipe, ["model.sliding_window=16", "engine.max_num_seqs=64"])
     assert cfg.model == {**ADDITION_MODEL, "sliding_window": 16}
     assert cfg.engine.max_num_seqs == 64 and cfg.engine.max_model_len == 32  # the recipe's, kept
+
+
+def test_digit_weights_are_checked_with_the_config() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="digit_weights"):
+        TrainConfig.model_validate({"max_digits": 3, "digit_weights": [1, 1]})

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from loguru import logger
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from dsv4.core.config import ModelConfig
@@ -79,6 +79,12 @@ class TrainConfig(RunConfigModel):
     def _model_over_default(cls, value: Any) -> Any:
         """``model.<key>=…`` changes that key of the recipe's model; the other keys keep their defaults."""
         return {**ADDITION_MODEL, **value} if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _digit_weights_fit(self) -> TrainConfig:
+        if self.digit_weights is not None:
+            AdditionTask(self.max_digits, digit_weights=self.digit_weights)  # raises naming digit_weights
+        return self
 
     @field_validator("engine", mode="before")
     @classmethod

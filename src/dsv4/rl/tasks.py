@@ -68,7 +68,8 @@ class AdditionTask:
 
     A problem draws ``d`` from ``1..max_digits`` (uniformly, or in proportion to ``digit_weights``), then
     both operands uniformly from ``0..10^d − 1``, so (unweighted) 1-, 2- and 3-digit problems appear
-    equally often (by the larger operand's range) and short operands mix with long ones. Samples are i.i.d.: repeats are possible, as in a stream of fresh problems.
+    equally often (by the larger operand's range) and short operands mix with long ones. Samples are
+    i.i.d.: repeats are possible, as in a stream of fresh problems.
     """
 
     def __init__(self, max_digits: int = 3, *, seed: int = 0, digit_weights: Sequence[float] | None = None) -> None:
