@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from dsv4.rl.monitor import read_metrics
 from dsv4.rl.recipe import TrainConfig, run_recipe
 
-SMALL_MODEL = dict(vocab_size=16, hidden_size=64, num_hidden_layers=3, head_dim=32, qk_rope_head_dim=16, q_lora_rank=32, o_lora_rank=16,
-                   index_head_dim=32, moe_intermediate_size=64,
+SMALL_MODEL = dict(vocab_size=16, hidden_size=64, num_hidden_layers=3, head_dim=32, qk_rope_head_dim=16,
+                   q_lora_rank=32, o_lora_rank=16, index_head_dim=32, moe_intermediate_size=64,
                    layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
                    mlp_layer_types=["hash_moe", "moe", "moe"], max_position_embeddings=64, num_nextn_predict_layers=1)
 
@@ -101,8 +104,5 @@ def test_model_and_engine_overrides_change_one_key() -> None:
 
 
 def test_digit_weights_are_checked_with_the_config() -> None:
-    import pytest
-    from pydantic import ValidationError
-
     with pytest.raises(ValidationError, match="digit_weights"):
         TrainConfig.model_validate({"max_digits": 3, "digit_weights": [1, 1]})

@@ -1,6 +1,7 @@
 """Training checkpoints: exact round trip, bit-identical resumed training, crash safety, retention, no pickle."""
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -71,6 +72,10 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
     out = save_training_state(tmp_path, model=model, optimizer=opt, step=3, rng=rng,
                               extra={"config": {"lr": 1e-2}, "cursor": 24})
     assert out == tmp_path / "step-3" and (tmp_path / "latest").read_text().strip() == "step-3"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for f in out.glob("*.safetensors"):  # readable like any file the user writes (safetensors makes 0600)
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
     expected_draws = (torch.rand(4), torch.randn(3, generator=data), random.random(), np.random.rand(2))
 
     fresh = make_model(1)

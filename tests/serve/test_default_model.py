@@ -16,11 +16,12 @@ from pathlib import Path
 
 import httpx
 
+import dsv4
 from dsv4 import Engine, SamplingParams
 from dsv4.assets import DEFAULT_MODEL_NAME, default_model_dir
 from dsv4.rl.tasks import AdditionTask, split_of
 
-ASSET = Path(__import__("dsv4").__file__).parent / "assets" / "default"
+ASSET = Path(dsv4.__file__).parent / "assets" / "default"
 
 
 def test_shipped_with_tokenizer_and_config_within_20mb() -> None:
