@@ -177,3 +177,17 @@ def test_kv_stats_are_exact(model_dir: Path) -> None:
         assert stats[name]["bytes"] == nbytes
         held += nbytes
     assert stats["total"]["bytes_per_token"] == held / context
+
+
+def test_packed_weights_option(model_dir: Path, ref_model: Transformer) -> None:
+    from dsv4.model.packed import mkl_packing_available
+
+    assert (Engine(model_dir).model.head.packed is not None) == mkl_packing_available()
+    assert Engine(model_dir, packed_weights=False).model.head.packed is None
+    invariant = Engine(model_dir, batch_invariant=True, expert_executor="reference")
+    assert invariant.model.head.packed is None  # exact arithmetic kept
+    # packed or not, the same greedy tokens as the plain model
+    prompts = _prompts(6, seed=9)
+    outs = Engine(model_dir, packed_weights=False).generate(prompts, SamplingParams(temperature=0, max_tokens=8))
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == _reference(ref_model, prompt, 8)

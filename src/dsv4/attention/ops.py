@@ -21,6 +21,7 @@ __all__ = [
     "select_topk",
     "rms_norm",
     "sink_attention",
+    "sink_attention_parts",
 ]
 
 
@@ -144,6 +145,28 @@ def sink_attention(
     logits = torch.cat((scores, sinks), dim=-1)
     probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
     return torch.bmm(probs.to(kv.dtype), kv), probs
+
+
+def sink_attention_parts(
+    q: torch.Tensor, kvs: list[torch.Tensor], valids: list[torch.Tensor], sink: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """:func:`sink_attention` over the concatenation of ``kvs[i] [T, J_i, d]`` (``valids[i] [T, J_i]``)
+    without building it: scores per part, one softmax over all of them, outputs summed per part.
+
+    Saves copying every gathered row a second time (a decode step's window and entries), at the cost
+    of a different summation order; inference only (no probabilities are returned).
+    """
+    scores = [
+        torch.bmm(q, kv.transpose(1, 2)).mul_(scale).masked_fill_(~v.unsqueeze(1), float("-inf"))
+        for kv, v in zip(kvs, valids, strict=True)
+    ]
+    sinks = sink.to(q.dtype).view(1, -1, 1).expand(q.shape[0], -1, 1)
+    probs = torch.softmax(torch.cat([*scores, sinks], dim=-1), dim=-1)
+    parts = torch.split(probs, [s.shape[-1] for s in scores] + [1], dim=-1)
+    out = torch.bmm(parts[0].to(kvs[0].dtype), kvs[0])
+    for p, kv in zip(parts[1:-1], kvs[1:], strict=True):
+        out = torch.baddbmm(out, p.to(kv.dtype), kv)
+    return out
 
 
 def indexer_kl(

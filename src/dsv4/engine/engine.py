@@ -63,6 +63,10 @@ class EngineConfig(RunConfigModel):
     record_routing: bool = False
     # Batch-invariant numerics (true on-policy RL): a token's logits do not depend on its batch.
     batch_invariant: bool = False
+    # Small-batch fp32 CPU linears through MKL-packed weights (1.3–2x faster per linear at 4–256
+    # rows; the packed copies cost about the weights' memory again). Ignored off the CPU, without
+    # MKL, and in batch-invariant mode.
+    packed_weights: bool = True
 
 
 class Engine:
@@ -102,6 +106,8 @@ class Engine:
         self.eos_token_ids = frozenset(eos)
         if config.batch_invariant:
             self.model.set_batch_invariant(True, max_context=self.max_model_len)
+        if config.packed_weights and not config.batch_invariant and self.model.head.weight.device.type == "cpu":
+            self.model.pack_weights()
         self.pool = self._build_pool()
         registry = get_registry()
         options_map = config.model_dump()

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dsv4.core.numerics import rowwise_linear
+from dsv4.model.packed import PackedWeight
 
 __all__ = ["FusedProjection"]
 
@@ -25,6 +26,7 @@ class FusedProjection:
         self.sizes = [lin.out_features for lin in self.linears]
         self._key: tuple[tuple[int, int, torch.device], ...] | None = None
         self._weight: torch.Tensor | None = None
+        self.packed: PackedWeight | None = None  # set by Transformer.pack_weights (inference)
 
     def weight(self) -> torch.Tensor:
         """The concatenated weight; cached (and refreshed when any weight changes) unless autograd needs it."""
@@ -40,4 +42,7 @@ class FusedProjection:
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The projections of ``x``, in the order of the linears."""
         invariant = bool(getattr(self.linears[0], "invariant", False))
-        return list(torch.split(rowwise_linear(x, self.weight(), invariant), self.sizes, dim=-1))
+        weight = self.weight()
+        if self.packed is not None and not invariant and self.packed.applies(x, weight):
+            return list(torch.split(self.packed.linear(x), self.sizes, dim=-1))
+        return list(torch.split(rowwise_linear(x, weight, invariant), self.sizes, dim=-1))

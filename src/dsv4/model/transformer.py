@@ -7,6 +7,7 @@ attention backend's plan (and whether a KV pool is attached) differs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,9 @@ from dsv4.core.batch import ForwardBatch
 from dsv4.core.config import ModelConfig
 from dsv4.core.interfaces import AttentionBackend, ExpertExecutor, KVPool, RoutingTrace
 from dsv4.model.attention import Attention, RMSNorm, StepContext
+from dsv4.model.fused import FusedProjection
 from dsv4.model.linear import Linear
+from dsv4.model.packed import PackedWeight, mkl_packing_available
 from dsv4.model.mhc import hc_head, hc_post, hc_pre
 from dsv4.model.moe import MoE
 
@@ -31,6 +34,11 @@ def _hc_params(rows: int, cols: int, n_scales: int) -> tuple[nn.Parameter, nn.Pa
         nn.Parameter(torch.zeros(rows, dtype=torch.float32)),
         nn.Parameter(torch.ones(n_scales, dtype=torch.float32)),
     )
+
+
+def _weight_of(linear: Linear) -> Callable[[], torch.Tensor]:
+    """The current weight of ``linear`` (looked up on each call, so a replaced Parameter is seen)."""
+    return lambda: linear.weight
 
 
 class Block(nn.Module):
@@ -238,6 +246,22 @@ class Transformer(nn.Module):
                 setattr(module, "invariant", enabled)
         self.invariant = enabled
         setattr(self.attn_backend, "invariant_context", max_context if enabled else None)
+
+    def pack_weights(self, enabled: bool = True) -> bool:
+        """Run small-batch CPU linears through MKL-packed weights (inference; see :mod:`dsv4.model.packed`).
+
+        Returns whether packing is on: it needs a torch build with MKL. Packed copies are made on first
+        use, refreshed when a weight changes, and never used with autograd or in batch-invariant mode,
+        so training and true-on-policy arithmetic are unaffected. Costs about the weights' memory again.
+        """
+        enabled = enabled and mkl_packing_available()
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.packed = PackedWeight(_weight_of(module)) if enabled else None
+            for value in vars(module).values():
+                if isinstance(value, FusedProjection):
+                    value.packed = PackedWeight(value.weight) if enabled else None
+        return enabled
 
     def _hc_head(self, h: torch.Tensor) -> torch.Tensor:
         return hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale,
