@@ -268,7 +268,7 @@ class ReferenceAttentionBackend:
             else:
                 masks.append(rp.visible_valid)
             parts.append(_gather_rows(entries, visible))
-        if len(parts) > 1 and self.invariant_context is None and not torch.is_grad_enabled() and kl_args is None:
+        if self.invariant_context is None and not torch.is_grad_enabled() and inputs.aux is None:
             # Inference: attend over the window and the entries without concatenating them. (Training
             # keeps one product over both, the arithmetic its checkpoints were made with.)
             return ops.sink_attention_parts(q, parts, masks, layer.attn_sink, layer.softmax_scale)
