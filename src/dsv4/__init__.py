@@ -10,9 +10,10 @@ if TYPE_CHECKING:
     from dsv4.core.batch import ForwardBatch
     from dsv4.engine import AsyncEngine, Engine, SamplingParams
     from dsv4.core.config import ModelConfig
+    from dsv4.core.runtime import tune_allocator
     from dsv4.model import Transformer, build_model, load_model, save_model
 
-__all__ = ["AsyncEngine", "Engine", "ForwardBatch", "ModelConfig", "SamplingParams", "Transformer", "__version__", "build_model", "load_model", "save_model"]
+__all__ = ["AsyncEngine", "Engine", "ForwardBatch", "ModelConfig", "SamplingParams", "Transformer", "__version__", "build_model", "load_model", "save_model", "tune_allocator"]
 
 _LAZY = {
     "AsyncEngine": "dsv4.engine",
@@ -24,6 +25,7 @@ _LAZY = {
     "build_model": "dsv4.model",
     "load_model": "dsv4.model",
     "save_model": "dsv4.model",
+    "tune_allocator": "dsv4.core.runtime",
 }
 
 

@@ -24,6 +24,9 @@ _Subparsers = Any  # argparse's _SubParsersAction is private
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``dsv4`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     args = _parser().parse_args(argv)
+    from dsv4.core.runtime import tune_allocator
+
+    tune_allocator()  # large CPU tensors stay in the heap: no page faults per step (see the module)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)

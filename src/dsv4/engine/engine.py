@@ -24,6 +24,7 @@ from dsv4.core.numerics import token_logprobs
 from dsv4.core.kv import StreamSpec
 from dsv4.core.plugins import get_registry
 from dsv4.core.runconfig import RunConfigModel
+from dsv4.core.runtime import tune_allocator
 from dsv4.engine.detok import IncrementalDetokenizer, StopChecker
 from dsv4.engine.outputs import RequestOutput
 from dsv4.engine.request import Request, Sequence, SequenceStatus
@@ -67,6 +68,8 @@ class EngineConfig(RunConfigModel):
     # rows; the packed copies cost about the weights' memory again). Ignored off the CPU, without
     # MKL, and in batch-invariant mode.
     packed_weights: bool = True
+    # Keep large CPU tensors in glibc's heap (process-wide; dsv4.core.runtime): ~1.5x faster prefill.
+    tune_allocator: bool = True
 
 
 class Engine:
@@ -86,6 +89,8 @@ class Engine:
         elif options:  # validated like the constructor's options (model_copy would not check them)
             config = EngineConfig.model_validate({**config.model_dump(), **options})
         self.config = config
+        if config.tune_allocator:
+            tune_allocator()
         if isinstance(model, Transformer):
             self.model = model.eval()
         elif config.model is not None:
