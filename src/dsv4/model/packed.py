@@ -70,7 +70,3 @@ class PackedWeight:
             rows = rows.contiguous()
         out: torch.Tensor = torch.ops.mkl._mkl_linear(rows, self._packed, weight.detach(), None, rows.shape[0])
         return out.view(*x.shape[:-1], weight.shape[0])
-
-    def release(self) -> None:
-        """Drop the packed copy (it is rebuilt on next use)."""
-        self._packed, self._origin, self._key = None, None, None
