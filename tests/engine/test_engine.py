@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dsv4 import Engine, SamplingParams
+from dsv4 import load_model as dsv4_load
 from dsv4.model import Transformer
 from dsv4.testing.models import greedy_reference
 
@@ -191,3 +192,23 @@ def test_packed_weights_option(model_dir: Path, ref_model: Transformer) -> None:
     outs = Engine(model_dir, packed_weights=False).generate(prompts, SamplingParams(temperature=0, max_tokens=8))
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == _reference(ref_model, prompt, 8)
+
+
+def test_engine_serves_synced_weights_not_stale_packed_copies(model_dir: Path) -> None:
+    from dsv4.rl.policy import sync_weights
+    from dsv4.testing.models import random_model
+
+    engine = Engine(dsv4_load(model_dir))  # packed by default where MKL exists
+    prompts = _prompts(6, seed=11)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+    engine.generate(prompts, params)  # packs every weight it uses
+    other = random_model(engine.model.config, seed=99)
+    sync_weights(other, engine.model)  # in-place copies, as RL's weight sync does
+    outs = engine.generate(prompts, params)
+    for prompt, out in zip(prompts, outs):
+        seq = out.outputs[0]
+        assert seq.token_ids == greedy_reference(other, prompt, 6)
+        with torch.no_grad():
+            lp = torch.log_softmax(other(torch.tensor([prompt + seq.token_ids]))[0], -1)
+        for k, tok in enumerate(seq.token_ids):
+            assert abs(seq.logprobs[k][tok].logprob - lp[len(prompt) + k - 1, tok].item()) <= 1e-4
