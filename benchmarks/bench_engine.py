@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true", help="do not run transformers")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
+    dsv4.tune_allocator()  # as `dsv4 serve` and `dsv4 batch` do (both sides of the comparison share it)
 
     tmp = None
     model_dir = args.model

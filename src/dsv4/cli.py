@@ -24,9 +24,6 @@ _Subparsers = Any  # argparse's _SubParsersAction is private
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``dsv4`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     args = _parser().parse_args(argv)
-    from dsv4.core.runtime import tune_allocator
-
-    tune_allocator()  # large CPU tensors stay in the heap: no page faults per step (see the module)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
@@ -90,7 +87,10 @@ def _batch(args: argparse.Namespace) -> int:
     import signal
 
     from dsv4.core.runconfig import load_run_config
+    from dsv4.core.runtime import tune_allocator
     from dsv4.serve.batch import BatchConfig, run_batch
+
+    tune_allocator()  # inference: large prefill activations stay in the heap (see dsv4.core.runtime)
 
     config = load_run_config(BatchConfig, args.config, args.overrides)
     flags = {k: getattr(args, k) for k in ("model", "input", "output") if getattr(args, k) is not None}
@@ -133,7 +133,10 @@ def _add_serve(subparsers: _Subparsers) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from dsv4.core.runconfig import load_run_config
+    from dsv4.core.runtime import tune_allocator
     from dsv4.serve.server import ServeConfig, serve
+
+    tune_allocator()  # inference: large prefill activations stay in the heap (see dsv4.core.runtime)
 
     overrides = list(args.overrides)
     for flag in ("model", "host", "port", "api_key"):

@@ -7,9 +7,11 @@ development machine (2 cores), a ``[4096, 4, 512]`` fp32 mHC product took 30 ms,
 memory kept in the heap; engine prefill went from ~1800 to ~2800 tokens/s. (The common advice for
 PyTorch on CPU is to preload jemalloc or tcmalloc; this gets the same effect without a preload.)
 
-The cost: memory freed by tensors stays with the process (up to the trim threshold) instead of
-going back to the OS at once, which is what a server or a trainer wants anyway. Set
-``DSV4_MALLOC_TUNING=0`` to leave the allocator alone.
+The costs: memory freed by tensors stays with the process (up to the trim threshold) instead of
+going back to the OS at once, and workloads of many small tensors get slower: the CI-sized addition
+RL run (SFT + GRPO on a 3M-parameter model) took ~10 % longer tuned (165–170 s vs 149–151 s, twice
+each). So ``dsv4 serve`` and ``dsv4 batch`` tune, ``dsv4 train`` does not, and :class:`dsv4.Engine`
+only with its ``tune_allocator`` option. Set ``DSV4_MALLOC_TUNING=0`` to leave the allocator alone.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def tune_allocator() -> bool:
     """Keep allocations under 1 GB in glibc's heap and stop trimming it (once per process).
 
     Returns whether the tuning is in effect: False off Linux/glibc, or with ``DSV4_MALLOC_TUNING=0``.
-    Called by the ``dsv4`` commands and by :class:`dsv4.Engine` (option ``tune_allocator``).
+    Called by ``dsv4 serve`` and ``dsv4 batch``, and by :class:`dsv4.Engine` with ``tune_allocator=True``.
     """
     global _applied
     if _applied is not None:

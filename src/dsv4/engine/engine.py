@@ -68,8 +68,9 @@ class EngineConfig(RunConfigModel):
     # rows; the packed copies cost about the weights' memory again). Ignored off the CPU, without
     # MKL, and in batch-invariant mode.
     packed_weights: bool = True
-    # Keep large CPU tensors in glibc's heap (process-wide; dsv4.core.runtime): ~1.5x faster prefill.
-    tune_allocator: bool = True
+    # Keep large CPU tensors in glibc's heap (process-wide; dsv4.core.runtime): ~1.5x faster long
+    # prefills, but ~10 % slower small-tensor RL training, so off unless asked (dsv4 serve/batch do).
+    tune_allocator: bool = False
 
 
 class Engine:
