@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from dsv4 import Engine, SamplingParams
-from dsv4 import load_model as dsv4_load
 from dsv4.model import Transformer
-from dsv4.testing.models import greedy_reference
+from dsv4.model.packed import mkl_packing_available
+from dsv4.rl.policy import sync_weights
+from dsv4.testing.models import greedy_reference, random_model
 
 VOCAB = 320  # the conftest checkpoint's
 
@@ -181,8 +182,6 @@ def test_kv_stats_are_exact(model_dir: Path) -> None:
 
 
 def test_packed_weights_option(model_dir: Path, ref_model: Transformer) -> None:
-    from dsv4.model.packed import mkl_packing_available
-
     assert (Engine(model_dir).model.head.packed is not None) == mkl_packing_available()
     assert Engine(model_dir, packed_weights=False).model.head.packed is None
     invariant = Engine(model_dir, batch_invariant=True, expert_executor="reference")
@@ -195,10 +194,7 @@ def test_packed_weights_option(model_dir: Path, ref_model: Transformer) -> None:
 
 
 def test_engine_serves_synced_weights_not_stale_packed_copies(model_dir: Path) -> None:
-    from dsv4.rl.policy import sync_weights
-    from dsv4.testing.models import random_model
-
-    engine = Engine(dsv4_load(model_dir))  # packed by default where MKL exists
+    engine = Engine(model_dir)  # packed by default where MKL exists
     prompts = _prompts(6, seed=11)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
     engine.generate(prompts, params)  # packs every weight it uses
