@@ -13,10 +13,11 @@ from dsv4.core.hookspecs import hookimpl
 
 @hookimpl
 def register_attention_backends() -> list[type[Any]]:
-    """The reference attention backend (``"reference"``)."""
+    """The reference attention backend (``"reference"``) and its native-CPU variant (``"cpu"``)."""
+    from dsv4.attention.cpu import CpuAttentionBackend
     from dsv4.attention.reference import ReferenceAttentionBackend
 
-    return [ReferenceAttentionBackend]
+    return [ReferenceAttentionBackend, CpuAttentionBackend]
 
 
 @hookimpl

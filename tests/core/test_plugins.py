@@ -297,7 +297,7 @@ def test_get_registry_is_a_cache(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_builtins_registered() -> None:
     registry = build_registry(load_entry_points=False)
     assert {kind: registry.names(kind) for kind in INTERFACES} == {
-        "attention_backend": ["reference"],
+        "attention_backend": ["reference", "cpu"],
         "kv_pool": ["paged"],
         "expert_executor": ["reference", "grouped"],
         "verifier": ["exact", "numeric", "math", "regex", "format", "code"],

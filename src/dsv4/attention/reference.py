@@ -241,8 +241,8 @@ class ReferenceAttentionBackend:
         req = plan.batch.req_index if sel is None else plan.batch.req_index[sel]
         q = inputs.q if sel is None else inputs.q[sel]
         t, w = plan.window.shape
-        win_slots = plan.slots("win", "read", req.unsqueeze(1), plan.window)
-        parts = [win.index_select(0, win_slots.reshape(-1)).view(t, w, win.shape[-1])]
+        # What each token reads: (storage, storage rows [Tg, J]) per part, with validity [Tg, J].
+        sources = [(win, plan.slots("win", "read", req.unsqueeze(1), plan.window))]
         masks = [plan.window_valid]
         kl_args = None
         if entries is not None:
@@ -267,17 +267,33 @@ class ReferenceAttentionBackend:
                 kl_args = (top_scores, top_valid)
             else:
                 masks.append(rp.visible_valid)
-            parts.append(_gather_rows(entries, visible))
+            sources.append((entries, visible))
         if self.invariant_context is None and not torch.is_grad_enabled() and inputs.aux is None:
-            # Inference: attend over the window and the entries without concatenating them. (Training
-            # keeps one product over both, the arithmetic its checkpoints were made with.)
-            return ops.sink_attention_parts(q, parts, masks, layer.attn_sink, layer.softmax_scale)
+            return self._attend_inference(layer, q, sources, masks)
+        parts = [_gather_rows(store, rows) for store, rows in sources]
         kv = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         valid = torch.cat(masks, dim=1) if len(masks) > 1 else masks[0]
         out, probs = ops.sink_attention(q, kv, valid, layer.attn_sink, layer.softmax_scale)
         if inputs.aux is not None and kl_args is not None:
             inputs.aux.setdefault("indexer_kl", []).append(ops.indexer_kl(probs[..., w:], *kl_args))
         return out
+
+    def _attend_inference(
+        self,
+        layer: AttentionLayer,
+        q: torch.Tensor,
+        sources: list[tuple[torch.Tensor, torch.Tensor]],
+        masks: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """Inference (no autograd, not batch-invariant, no auxiliary loss) of the gather path: token t
+        attends over ``store[rows[t, j]]`` where ``masks[t, j]``, for each ``(store, rows)`` source.
+
+        Here: gather, then attend over the window and the entries without concatenating them. (Training
+        keeps one product over both, the arithmetic its checkpoints were made with.) Backends with
+        kernels that read the storage in place override this.
+        """
+        parts = [_gather_rows(store, rows) for store, rows in sources]
+        return ops.sink_attention_parts(q, parts, masks, layer.attn_sink, layer.softmax_scale)
 
     def _attend_dense(
         self,

@@ -45,7 +45,8 @@ class EngineConfig(RunConfigModel):
     model: str | None = None  # checkpoint directory (config.json, safetensors, tokenizer.json)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # CPU: keep float32
     device: str = "cpu"
-    attention_backend: str = "reference"  # plugin names (see `dsv4 plugins`)
+    # Plugin names (see `dsv4 plugins`); "auto": "cpu" (native kernels) where it applies, else "reference".
+    attention_backend: str = "auto"
     expert_executor: str = "grouped"  # batched experts for small steps, the reference loop for large
     kv_pool: str = "paged"
     scheduler: str = "fcfs"
@@ -68,6 +69,10 @@ class EngineConfig(RunConfigModel):
     # rows; the packed copies cost about the weights' memory again). Ignored off the CPU, without
     # MKL, and in batch-invariant mode.
     packed_weights: bool = True
+    # Fused C kernels for CPU inference (dsv4.native: mHC pre/post, and decode attention through the
+    # "cpu" backend that attention_backend="auto" then picks), compiled on first use. Ignored off the
+    # CPU, in batch-invariant mode and where no C compiler works (the PyTorch paths run instead).
+    native_kernels: bool = True
     # Keep large CPU tensors in glibc's heap (process-wide; dsv4.core.runtime): ~1.5x faster long
     # prefills, but ~10 % slower small-tensor RL training, so off unless asked (dsv4 serve/batch do).
     tune_allocator: bool = False
@@ -95,11 +100,14 @@ class Engine:
         if isinstance(model, Transformer):
             self.model = model.eval()
         elif config.model is not None:
+            backend = config.attention_backend
+            if backend == "auto" and not config.native_kernels:
+                backend = "reference"
             self.model = load_model(
                 config.model,
                 dtype=_DTYPES[config.dtype],
                 device=config.device,
-                attention_backend=config.attention_backend,
+                attention_backend=backend,
                 expert_executor=config.expert_executor,
                 fake_quant=config.fake_quant,
             )
@@ -112,8 +120,11 @@ class Engine:
         self.eos_token_ids = frozenset(eos)
         if config.batch_invariant:
             self.model.set_batch_invariant(True, max_context=self.max_model_len)
-        if config.packed_weights and not config.batch_invariant and self.model.head.weight.device.type == "cpu":
+        on_cpu = self.model.head.weight.device.type == "cpu"
+        if config.packed_weights and not config.batch_invariant and on_cpu:
             self.model.pack_weights()
+        if config.native_kernels and not config.batch_invariant and on_cpu:
+            self.model.use_native_kernels()
         self.pool = self._build_pool()
         registry = get_registry()
         options_map = config.model_dump()

@@ -20,6 +20,7 @@ from dsv4.core.interfaces import AttentionBackend, AttentionInputs, CompressorIn
 from dsv4.model.fused import FusedProjection
 from dsv4.core.numerics import rowwise_linear
 from dsv4.model.linear import Linear
+from dsv4.native import kernels
 
 __all__ = ["Attention", "Compressor", "Indexer", "RMSNorm", "StepContext"]
 
@@ -31,9 +32,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+        self.native = False  # fused CPU kernel for inference (Transformer.use_native_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise the last dim of ``x``."""
+        if self.native and kernels.supports(x, self.weight):
+            return kernels.rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -147,6 +151,7 @@ class Attention(nn.Module):
         d, h, rd = config.head_dim, config.num_attention_heads, config.qk_rope_head_dim
         self.layer_id, self.ratio = layer_id, ratio
         self.invariant = False
+        self.native = False  # fused CPU kernels for inference (Transformer.use_native_kernels)
         self.n_heads, self.head_dim, self.rope_dim = h, d, rd
         self.o_groups = config.o_groups
         self.eps = config.rms_norm_eps
@@ -194,7 +199,10 @@ class Attention(nn.Module):
         proj = self._project_x(x)
         qr = self.q_norm(proj[0])  # [T, q_lora]
         q = self.wq_b(qr).view(t, self.n_heads, self.head_dim)
-        q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)  # per-head RMS
+        if self.native and kernels.supports(q):
+            q = kernels.rms_norm(q, None, self.eps)
+        else:
+            q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)  # per-head RMS
         q = apply_rope(q, cis, invariant=self.invariant)
         kv = apply_rope(self.kv_norm(proj[1]), cis, invariant=self.invariant)  # [T, d], one head: K = V
         if self.kv_finish is not None:

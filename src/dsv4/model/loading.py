@@ -28,10 +28,18 @@ def build_model(
     init: bool = True,
     seed: int = 0,
 ) -> Transformer:
-    """A model for ``config`` with the named plugins; randomly initialised (seeded) when ``init``."""
+    """A model for ``config`` with the named plugins; randomly initialised (seeded) when ``init``.
+
+    ``attention_backend="auto"`` takes the native-kernel ``"cpu"`` backend where it serves the
+    configuration (a CPU device, kernels built) and ``"reference"`` otherwise.
+    """
     dev = torch.device(device)
     registry = get_registry()
-    backend = registry.select("attention_backend", attention_backend, config, dev)(config, dev)
+    if attention_backend == "auto":
+        backend_cls = registry.first_available("attention_backend", config, dev, prefer=("cpu", "reference"))
+    else:
+        backend_cls = registry.select("attention_backend", attention_backend, config, dev)
+    backend = backend_cls(config, dev)
     executor = registry.select("expert_executor", expert_executor, config, dev)(config, dev)
     with torch.device("meta"):
         model = Transformer(config, attention_backend=backend, expert_executor=executor, fake_quant=fake_quant)

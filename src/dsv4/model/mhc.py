@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dsv4.core.numerics import pointwise, rowwise_linear
+from dsv4.native import kernels
 
 __all__ = ["hc_head", "hc_mix", "hc_post", "hc_pre"]
 
@@ -26,9 +28,17 @@ def hc_pre(
     hc_eps: float,
     sinkhorn_iters: int,
     invariant: bool = False,
+    native: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Collapse streams ``h [T, n, D]`` into the sublayer input; also return ``post [T, n]``, ``comb [T, n, n]``."""
+    """Collapse streams ``h [T, n, D]`` into the sublayer input; also return ``post [T, n]``, ``comb [T, n, n]``.
+
+    ``native`` lets inference (no autograd, not ``invariant``) run everything after the mixing
+    product in one fused CPU kernel (:mod:`dsv4.native`) when it applies.
+    """
     n = h.shape[-2]
+    if native and not invariant and kernels.supports(h, fn, base, scale):
+        mix = F.linear(h.reshape(h.shape[0], -1), fn)
+        return kernels.hc_pre(h, mix, base, scale, rms_eps=rms_eps, hc_eps=hc_eps, sinkhorn_iters=sinkhorn_iters)
     m = hc_mix(h, fn, rms_eps, invariant)
     base = base.float()
     pre = pointwise(torch.sigmoid, m[:, :n] * scale[0] + base[:n], invariant) + hc_eps
@@ -66,9 +76,17 @@ def _sinkhorn_inplace(comb: torch.Tensor, iters: int, eps: float) -> None:
 
 
 def hc_post(
-    f: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, invariant: bool = False
+    f: torch.Tensor,
+    h: torch.Tensor,
+    post: torch.Tensor,
+    comb: torch.Tensor,
+    invariant: bool = False,
+    native: bool = False,
 ) -> torch.Tensor:
-    """New streams ``X'_k = post_k · f + Σ_j comb[j, k] · X_j`` (comb is consumed transposed)."""
+    """New streams ``X'_k = post_k · f + Σ_j comb[j, k] · X_j`` (comb is consumed transposed); ``native``
+    as in :func:`hc_pre`."""
+    if native and not invariant and kernels.supports(f, h, post, comb):
+        return kernels.hc_post(f, h, post, comb)
     comb = comb.to(h.dtype)
     if invariant:  # elementwise: a batched matmul's kernel may change with the number of rows
         mixed = (comb.unsqueeze(-1) * h.unsqueeze(-2)).sum(dim=-3)  # [T, j, k, D] summed over j

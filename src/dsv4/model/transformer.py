@@ -50,6 +50,7 @@ class Block(nn.Module):
         n, dim = config.hc_mult, config.hidden_size
         self.rms_eps, self.hc_eps, self.sinkhorn_iters = config.rms_norm_eps, config.hc_eps, config.hc_sinkhorn_iters
         self.invariant = False
+        self.native = False  # fused CPU mHC kernels for inference (Transformer.use_native_kernels)
         self.attn_norm = RMSNorm(dim, config.rms_norm_eps)
         self.ffn_norm = RMSNorm(dim, config.rms_norm_eps)
         self.attn = Attention(config, layer_id, ratio, fake_quant=fake_quant)
@@ -62,16 +63,16 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         """Streams ``h [T, n, D]`` -> ``[T, n, D]``."""
         x, post, comb = self._hc_pre(h, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale)
-        h = hc_post(self.attn(self.attn_norm(x), ctx), h, post, comb, self.invariant)
+        h = hc_post(self.attn(self.attn_norm(x), ctx), h, post, comb, self.invariant, self.native)
         x, post, comb = self._hc_pre(h, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale)
         f = self.ffn(self.ffn_norm(x), input_ids, executor, ctx.routing, self.layer_id)
-        return hc_post(f, h, post, comb, self.invariant)
+        return hc_post(f, h, post, comb, self.invariant, self.native)
 
     def _hc_pre(
         self, h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return hc_pre(h, fn, base, scale, rms_eps=self.rms_eps, hc_eps=self.hc_eps,
-                      sinkhorn_iters=self.sinkhorn_iters, invariant=self.invariant)
+                      sinkhorn_iters=self.sinkhorn_iters, invariant=self.invariant, native=self.native)
 
 
 class MTPBlock(Block):
@@ -241,6 +242,8 @@ class Transformer(nn.Module):
             for plugin in (self.attn_backend, self.expert_executor):
                 if "batch_invariant" not in plugin.capabilities:
                     raise ValueError(f"{type(plugin).__name__} ({plugin.name!r}) is not batch-invariant")
+        if enabled:
+            self.use_native_kernels(False)  # rollouts must repeat the training arithmetic exactly
         for module in self.modules():
             if hasattr(module, "invariant"):
                 setattr(module, "invariant", enabled)
@@ -261,6 +264,22 @@ class Transformer(nn.Module):
             for value in vars(module).values():
                 if isinstance(value, FusedProjection):
                     value.packed = PackedWeight(value.weight) if enabled else None
+        return enabled
+
+    def use_native_kernels(self, enabled: bool = True) -> bool:
+        """Run inference mHC mixes and RMS norms through the fused CPU kernels of :mod:`dsv4.native`.
+
+        Returns whether they are on: they need the kernels built (a C compiler) and are never on in
+        batch-invariant mode. Like packed weights they apply only without autograd, to float32 CPU
+        tensors; everything else takes the PyTorch path. (Attention kernels come with the ``"cpu"``
+        attention backend.)
+        """
+        from dsv4.native import available
+
+        enabled = enabled and not self.invariant and available()
+        for module in self.modules():
+            if hasattr(module, "native"):
+                setattr(module, "native", enabled)
         return enabled
 
     def _hc_head(self, h: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,55 @@
+"""The ``cpu`` AttentionBackend: the reference backend with a fused kernel for inference decode.
+
+Plans, pool writes, block compression, the indexer and every training or batch-invariant path are
+the reference backend's (inherited, so the arithmetic there is identical). What changes is the
+inference attention of decode-shaped tokens: instead of gathering each token's window rows and
+selected entries into new tensors and running small batched products over them, one native call
+(:func:`dsv4.native.kernels.sink_attention`) reads the rows in place from the KV pool by slot and
+computes scores, the sink softmax and the weighted sum per token.
+
+Measured on the development machine (2 cores, batch 64, 8 heads of 128, 128 window rows + 64
+entries per token): 0.47 ms per layer vs 1.4 ms for gather + products.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from dsv4.attention.reference import ReferenceAttentionBackend
+from dsv4.core.config import ModelConfig
+from dsv4.core.interfaces import AttentionLayer
+from dsv4.native import kernels, unavailable_reason
+
+__all__ = ["CpuAttentionBackend"]
+
+
+class CpuAttentionBackend(ReferenceAttentionBackend):
+    """Reference attention plus native CPU decode kernels (float32 inference)."""
+
+    name: ClassVar[str] = "cpu"
+    capabilities: ClassVar[frozenset[str]] = ReferenceAttentionBackend.capabilities - {"cuda"}
+
+    @classmethod
+    def refuse(cls, config: ModelConfig, device: torch.device) -> str | None:
+        """Needs the CPU, a head dim that is a multiple of 16 and the native kernels built."""
+        if torch.device(device).type != "cpu":
+            return f"runs on the CPU only, not {device}"
+        if config.head_dim % 16:
+            return f"head_dim {config.head_dim} is not a multiple of 16"
+        return unavailable_reason()
+
+    def _attend_inference(
+        self,
+        layer: AttentionLayer,
+        q: torch.Tensor,
+        sources: list[tuple[torch.Tensor, torch.Tensor]],
+        masks: list[torch.Tensor],
+    ) -> torch.Tensor:
+        stores = [store for store, _ in sources]
+        if not kernels.supports(q, *stores) or any(not s.is_contiguous() or s.dim() != 2 for s in stores):
+            return super()._attend_inference(layer, q, sources, masks)
+        # A store with no rows yet (no entry emitted anywhere) has every pick masked: nothing to read.
+        parts = [(store, rows, mask) for (store, rows), mask in zip(sources, masks, strict=True) if store.shape[0]]
+        return kernels.sink_attention(q, parts, layer.attn_sink, layer.softmax_scale)

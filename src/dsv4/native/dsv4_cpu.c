@@ -1,0 +1,253 @@
+/* dsv4's fused CPU kernels for inference (float32), called through ctypes by dsv4.native.
+ *
+ * Each kernel replaces a chain of small PyTorch ops whose dispatch and memory traffic dominate a
+ * CPU decode step: the mHC pre/post mixes (spec §4) and sink attention over rows gathered from a
+ * paged KV pool (spec §5). The arithmetic is the PyTorch path's in a different summation order;
+ * tests compare them. Plain C99 with GCC/Clang vector extensions (no intrinsics): the compiler
+ * maps a 16-float vector to one AVX-512 register, two AVX2 registers, or NEON quads.
+ *
+ * Threads: OpenMP, which in a torch process is torch's own runtime (same libgomp soname), so the
+ * kernels follow torch.set_num_threads.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DSV4_NATIVE_ABI 1
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+
+static inline v16 ld(const float* p) { return *(const v16u*)p; }
+static inline void st(float* p, v16 v) { *(v16u*)p = v; }
+static inline v16 splat(float x) { return (v16){0} + x; }
+
+/* Sums of 8 vectors' lanes, as lanes 0-7 (a transpose-and-add tree: 8 adds, no scalar work). */
+static inline v16 hsum8(const v16 a[8]) {
+#define SV __builtin_shufflevector
+    v16 b[4], c[2];
+    for (int i = 0; i < 4; i++)
+        b[i] = SV(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               SV(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++)
+        c[i] = SV(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               SV(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    v16 d = SV(c[0], c[1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+            SV(c[0], c[1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return SV(d, d, 0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14) +
+           SV(d, d, 1, 3, 5, 7, 9, 11, 13, 15, 1, 3, 5, 7, 9, 11, 13, 15);
+#undef SV
+}
+
+/* e^x for x <= 0 (softmax after subtracting the max): Cody-Waite reduction and Cephes' degree-6
+ * polynomial, ~1 ulp; x < -87 gives 0 (libm gives a denormal there). Scalar code the compiler
+ * vectorises in `omp simd` loops. */
+static inline float fexp(float x) {
+    const float y = x < -87.0f ? -87.0f : x;
+    const float n = floorf(y * 1.44269504088896341f + 0.5f);
+    const float r = y - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return x < -87.0f ? 0.0f : p * scale;
+}
+
+int dsv4_native_abi(void) { return DSV4_NATIVE_ABI; }
+
+/* ---------------------------------------------------------------------------------------------
+ * Sink attention over gathered rows (decode-shaped tokens reading a paged pool).
+ *
+ * q [T, H, D] contiguous; two parts, each a store [*, D] addressed per token by slots [T, J] with
+ * valid [T, J] (0/1). o[t, h] = sum_j e^{s_j} row_j / (sum_j e^{s_j} + e^{sink_h}), s_j = scale q.row_j
+ * over valid j of both parts. D must be a multiple of 16.
+ */
+#define HB 8
+void dsv4_sink_attention(int64_t T, int64_t H, int64_t D, const float* q, float scale, const float* sink,
+                         const float* store_a, const int64_t* slots_a, const uint8_t* valid_a, int64_t Ja,
+                         const float* store_b, const int64_t* slots_b, const uint8_t* valid_b, int64_t Jb,
+                         float* out) {
+    const int64_t J = Ja + Jb, C = D / 16, Hp = (H + HB - 1) / HB * HB;
+#pragma omp parallel
+    {
+        float* s = (float*)malloc(sizeof(float) * (size_t)(Hp * (J + 16)));
+        const float** rows = (const float**)malloc(sizeof(float*) * (size_t)(J + 1));
+        float* qpad = (float*)calloc((size_t)(Hp * D), sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            memcpy(qpad, q + t * H * D, sizeof(float) * (size_t)(H * D)); /* heads padded to HB */
+            int64_t n = 0;
+            for (int64_t j = 0; j < Ja; j++)
+                if (valid_a[t * Ja + j]) rows[n++] = store_a + slots_a[t * Ja + j] * D;
+            for (int64_t j = 0; j < Jb; j++)
+                if (valid_b[t * Jb + j]) rows[n++] = store_b + slots_b[t * Jb + j] * D;
+            const int64_t ld_s = J + 16;
+            for (int64_t h0 = 0; h0 < Hp; h0 += HB) {
+                for (int64_t j = 0; j < n; j++) {
+                    const float* r = rows[j];
+                    v16 acc[HB];
+                    for (int h = 0; h < HB; h++) acc[h] = splat(0.f);
+                    for (int64_t c = 0; c < C; c++) {
+                        v16 rv = ld(r + 16 * c);
+                        for (int h = 0; h < HB; h++) acc[h] += ld(qpad + (h0 + h) * D + 16 * c) * rv;
+                    }
+                    const v16 sums = hsum8(acc) * scale;
+                    for (int h = 0; h < HB; h++) s[(h0 + h) * ld_s + j] = sums[h];
+                }
+            }
+            for (int64_t h = 0; h < H; h++) {
+                float* sh = s + h * ld_s;
+                float m = sink[h];
+#pragma omp simd reduction(max : m)
+                for (int64_t j = 0; j < n; j++) m = sh[j] > m ? sh[j] : m;
+                float den = 0.f;
+#pragma omp simd reduction(+ : den)
+                for (int64_t j = 0; j < n; j++) {
+                    sh[j] = fexp(sh[j] - m);
+                    den += sh[j];
+                }
+                const float inv = 1.f / (den + expf(sink[h] - m));
+                for (int64_t j = 0; j < n; j++) sh[j] *= inv;
+            }
+            float* ot = out + t * H * D;
+            for (int64_t h0 = 0; h0 < H; h0 += HB) {
+                const int64_t hb = H - h0 < HB ? H - h0 : HB;
+                for (int64_t c = 0; c < C; c++) {
+                    v16 o[HB];
+                    for (int h = 0; h < HB; h++) o[h] = splat(0.f);
+                    for (int64_t j = 0; j < n; j++) {
+                        v16 rv = ld(rows[j] + 16 * c);
+                        for (int h = 0; h < HB; h++) o[h] += s[(h0 + h < H ? h0 + h : 0) * ld_s + j] * rv;
+                    }
+                    for (int64_t h = 0; h < hb; h++) st(ot + (h0 + h) * D + 16 * c, o[h]);
+                }
+            }
+        }
+        free(s);
+        free(rows);
+        free(qpad);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * mHC (spec §4). Streams h [T, n, D] with strides (st_t, st_n) in floats, D contiguous.
+ */
+
+static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/* The part of hc_pre after the mixing product: mix [T, (2+n)n] holds flatten(h_t) . fn_i (not yet
+ * RMS-scaled). Writes the sublayer input x [T, D], post [T, n] and the Sinkhorn-normalised comb
+ * [T, n, n] (comb[a][b]: row a, column b, as the PyTorch path's [T, n, n]). n <= 16. */
+void dsv4_hc_pre(int64_t T, int64_t n, int64_t D, const float* h, int64_t st_t, int64_t st_n, const float* mix,
+                 const float* base, const float* scale, float rms_eps, float hc_eps, int64_t iters, float* x,
+                 float* post, float* comb) {
+    const int64_t R = (2 + n) * n;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        const float* ht = h + t * st_t;
+        float ss = 0.f;
+        for (int64_t j = 0; j < n; j++) {
+            const float* hj = ht + j * st_n;
+#pragma omp simd reduction(+ : ss)
+            for (int64_t k = 0; k < D; k++) ss += hj[k] * hj[k];
+        }
+        const float r = 1.0f / sqrtf(ss / (float)(n * D) + rms_eps);
+        const float* m = mix + t * R;
+        float pre[16], c[16 * 16];
+        for (int64_t j = 0; j < n; j++) {
+            pre[j] = sigmoidf(m[j] * r * scale[0] + base[j]) + hc_eps;
+            post[t * n + j] = 2.0f * sigmoidf(m[n + j] * r * scale[1] + base[n + j]);
+        }
+        for (int64_t a = 0; a < n; a++) {
+            float* ca = c + a * n;
+            float mx = -INFINITY, sum = 0.f;
+            for (int64_t b = 0; b < n; b++) {
+                ca[b] = m[2 * n + a * n + b] * r * scale[2] + base[2 * n + a * n + b];
+                mx = ca[b] > mx ? ca[b] : mx;
+            }
+            for (int64_t b = 0; b < n; b++) sum += (ca[b] = expf(ca[b] - mx));
+            for (int64_t b = 0; b < n; b++) ca[b] = ca[b] / sum + hc_eps;
+        }
+        for (int64_t it = 0; it < iters; it++) {
+            if (it > 0)
+                for (int64_t a = 0; a < n; a++) {
+                    float s = 0.f;
+                    for (int64_t b = 0; b < n; b++) s += c[a * n + b];
+                    s += hc_eps;
+                    for (int64_t b = 0; b < n; b++) c[a * n + b] /= s;
+                }
+            for (int64_t b = 0; b < n; b++) {
+                float s = 0.f;
+                for (int64_t a = 0; a < n; a++) s += c[a * n + b];
+                s += hc_eps;
+                for (int64_t a = 0; a < n; a++) c[a * n + b] /= s;
+            }
+        }
+        memcpy(comb + t * n * n, c, sizeof(float) * (size_t)(n * n));
+        float* xt = x + t * D;
+        const float* h0 = ht;
+        const float p0 = pre[0];
+#pragma omp simd
+        for (int64_t k = 0; k < D; k++) xt[k] = p0 * h0[k];
+        for (int64_t j = 1; j < n; j++) {
+            const float* hj = ht + j * st_n;
+            const float pj = pre[j];
+#pragma omp simd
+            for (int64_t k = 0; k < D; k++) xt[k] += pj * hj[k];
+        }
+    }
+}
+
+/* New streams out[t, k] = post[t, k] f[t] + sum_j comb[t, j, k] h[t, j]; f [T, D] and out [T, n, D]
+ * contiguous. */
+void dsv4_hc_post(int64_t T, int64_t n, int64_t D, const float* f, const float* h, int64_t st_t, int64_t st_n,
+                  const float* post, const float* comb, float* out) {
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        const float* ft = f + t * D;
+        const float* ht = h + t * st_t;
+        const float* ct = comb + t * n * n;
+        for (int64_t k = 0; k < n; k++) {
+            float* o = out + (t * n + k) * D;
+            const float pk = post[t * n + k];
+#pragma omp simd
+            for (int64_t i = 0; i < D; i++) o[i] = pk * ft[i];
+            for (int64_t j = 0; j < n; j++) {
+                const float* hj = ht + j * st_n;
+                const float w = ct[j * n + k];
+#pragma omp simd
+                for (int64_t i = 0; i < D; i++) o[i] += w * hj[i];
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * RMSNorm: y[t] = w * x[t] / sqrt(mean(x[t]^2) + eps) for rows x [T, D] (row stride st, unit column
+ * stride); w may be NULL (no weight). y [T, D] contiguous.
+ */
+void dsv4_rms_norm(int64_t T, int64_t D, const float* x, int64_t st, const float* w, float eps, float* y) {
+#pragma omp parallel for schedule(static) if (T * D >= 32768)
+    for (int64_t t = 0; t < T; t++) {
+        const float* xt = x + t * st;
+        float* yt = y + t * D;
+        float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t k = 0; k < D; k++) ss += xt[k] * xt[k];
+        const float r = 1.0f / sqrtf(ss / (float)D + eps);
+        if (w != NULL) {
+#pragma omp simd
+            for (int64_t k = 0; k < D; k++) yt[k] = w[k] * (xt[k] * r);
+        } else {
+#pragma omp simd
+            for (int64_t k = 0; k < D; k++) yt[k] = xt[k] * r;
+        }
+    }
+}

@@ -1,0 +1,155 @@
+"""Tensor-level wrappers of the native kernels: shape/dtype checks, then one C call each.
+
+Callers test :func:`supports` first (float32 CPU tensors of supported shapes, kernels built) and
+otherwise run their PyTorch path; the wrappers raise ``ValueError`` on anything they cannot take.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from dsv4.native import library
+
+__all__ = ["hc_post", "hc_pre", "rms_norm", "sink_attention", "supports"]
+
+_MAX_STREAMS = 16  # mHC streams n (stack arrays in the kernel)
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can take these tensors: float32, on the CPU, no autograd, kernels built."""
+    return (
+        not torch.is_grad_enabled()
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+        and library() is not None
+    )
+
+
+def _lib() -> Any:  # a ctypes.CDLL: its functions are attributes typed Any
+    lib = library()
+    if lib is None:
+        raise RuntimeError("dsv4 native kernels are unavailable")
+    return lib
+
+
+def _check(name: str, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
+    if t.dtype != dtype or t.device.type != "cpu":
+        raise ValueError(f"{name}: expected a {dtype} CPU tensor, got {t.dtype} on {t.device}")
+
+
+def _streams(h: torch.Tensor) -> torch.Tensor:
+    """``h [T, n, D]`` with a unit last stride (the kernels take the T and n strides)."""
+    if h.dim() != 3:
+        raise ValueError(f"h: expected [T, n, D], got {tuple(h.shape)}")
+    if h.shape[1] > _MAX_STREAMS:
+        raise ValueError(f"h: at most {_MAX_STREAMS} streams, got {h.shape[1]}")
+    return h if h.stride(2) == 1 else h.contiguous()
+
+
+def sink_attention(
+    q: torch.Tensor,
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    sink: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Sink attention of ``q [T, H, D]`` over rows read in place from stores.
+
+    ``parts`` (one or two) are ``(store [S, D], slots [T, J] int64, valid [T, J] bool)``: token t reads
+    ``store[slots[t, j]]`` where ``valid[t, j]``. Equals :func:`dsv4.attention.ops.sink_attention` of
+    the gathered, concatenated rows (up to summation order) without gathering them. ``D`` must be a
+    multiple of 16; valid slots must be in range (they are not checked, for speed: they come from
+    the backend's plan).
+    """
+    if not 1 <= len(parts) <= 2:
+        raise ValueError(f"sink_attention takes one or two parts, got {len(parts)}")
+    t, h, d = q.shape
+    if d % 16:
+        raise ValueError(f"head dim {d} is not a multiple of 16")
+    _check("q", q)
+    _check("sink", sink)
+    q = q.contiguous()
+    sink = sink.contiguous()
+    args: list[object] = []
+    keep: list[torch.Tensor] = []  # converted index tensors stay alive through the call
+    for i, (store, slots, valid) in enumerate(parts):
+        _check(f"store {i}", store)
+        if store.dim() != 2 or store.shape[1] != d or not store.is_contiguous():
+            raise ValueError(f"store {i}: expected a contiguous [S, {d}] tensor, got {tuple(store.shape)}")
+        if slots.shape != valid.shape or slots.dim() != 2 or slots.shape[0] != t:
+            raise ValueError(f"part {i}: slots {tuple(slots.shape)} and valid {tuple(valid.shape)} must be [{t}, J]")
+        slots = slots.to(torch.int64).contiguous()
+        valid = valid.to(torch.uint8).contiguous()
+        keep += [slots, valid]
+        args += [store.data_ptr(), slots.data_ptr(), valid.data_ptr(), slots.shape[1]]
+    if len(parts) == 1:
+        args += [None, None, None, 0]
+    out = torch.empty_like(q)
+    _lib().dsv4_sink_attention(t, h, d, q.data_ptr(), float(scale), sink.data_ptr(), *args, out.data_ptr())
+    return out
+
+
+def hc_pre(
+    h: torch.Tensor,
+    mix: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    rms_eps: float,
+    hc_eps: float,
+    sinkhorn_iters: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`dsv4.model.mhc.hc_pre` after its mixing product: ``mix [T, (2+n)n] = flatten(h) @ fn^T``
+    (not yet RMS-scaled). Returns ``x [T, D]``, ``post [T, n]``, ``comb [T, n, n]``."""
+    h = _streams(h)
+    t, n, d = h.shape
+    _check("h", h)
+    for name, x in (("mix", mix), ("base", base), ("scale", scale)):
+        _check(name, x)
+    if mix.shape != (t, (2 + n) * n) or base.shape != ((2 + n) * n,) or scale.numel() != 3:
+        raise ValueError(f"hc_pre: mix {tuple(mix.shape)}, base {tuple(base.shape)}, scale {tuple(scale.shape)} "
+                         f"do not fit {n} streams of {t} tokens")
+    mix, base, scale = mix.contiguous(), base.contiguous(), scale.contiguous()
+    x = h.new_empty(t, d)
+    post = h.new_empty(t, n)
+    comb = h.new_empty(t, n, n)
+    _lib().dsv4_hc_pre(
+        t, n, d, h.data_ptr(), h.stride(0), h.stride(1), mix.data_ptr(), base.data_ptr(), scale.data_ptr(),
+        float(rms_eps), float(hc_eps), int(sinkhorn_iters), x.data_ptr(), post.data_ptr(), comb.data_ptr(),
+    )
+    return x, post, comb
+
+
+def hc_post(f: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """:func:`dsv4.model.mhc.hc_post`: ``out[t, k] = post[t, k] f[t] + Σ_j comb[t, j, k] h[t, j]``."""
+    h = _streams(h)
+    t, n, d = h.shape
+    for name, x in (("f", f), ("h", h), ("post", post), ("comb", comb)):
+        _check(name, x)
+    if f.shape != (t, d) or post.shape != (t, n) or comb.shape != (t, n, n):
+        raise ValueError(f"hc_post: f {tuple(f.shape)}, post {tuple(post.shape)}, comb {tuple(comb.shape)} "
+                         f"do not fit h {tuple(h.shape)}")
+    f, post, comb = f.contiguous(), post.contiguous(), comb.contiguous()
+    out = h.new_empty(t, n, d)
+    _lib().dsv4_hc_post(t, n, d, f.data_ptr(), h.data_ptr(), h.stride(0), h.stride(1), post.data_ptr(),
+                        comb.data_ptr(), out.data_ptr())
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """:func:`dsv4.attention.ops.rms_norm` over the last dim of ``x`` (``weight=None``: no weight)."""
+    _check("x", x)
+    d = x.shape[-1]
+    if weight is not None:
+        _check("weight", weight)
+        if weight.shape != (d,):
+            raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not fit rows of {d}")
+        weight = weight.contiguous()
+    rows = x.reshape(-1, d)
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape, dtype=x.dtype)
+    _lib().dsv4_rms_norm(rows.shape[0], d, rows.data_ptr(), rows.stride(0),
+                         None if weight is None else weight.data_ptr(), float(eps), out.data_ptr())
+    return out.view(x.shape)

@@ -1,0 +1,223 @@
+"""dsv4.native: the fused CPU kernels agree with the PyTorch paths they replace, the model and the
+engine use them only where they apply, and a machine without a working compiler falls back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv4 import native
+from dsv4.attention import ops
+from dsv4.attention.cpu import CpuAttentionBackend
+from dsv4.attention.reference import ReferenceAttentionBackend
+from dsv4.core.config import ModelConfig
+from dsv4.model.mhc import hc_post, hc_pre
+from dsv4.native import kernels
+from dsv4.testing.contracts import check_attention_backend
+from dsv4.testing.models import random_model
+
+
+def test_the_kernels_build_here() -> None:
+    # CI has a C compiler: a failure here is a real build problem, not a reason to skip.
+    assert native.available(), native.unavailable_reason()
+
+
+def _gather_reference(q, parts, sink, scale):  # type: ignore[no-untyped-def]
+    """ops.sink_attention over the gathered, concatenated rows (the training arithmetic)."""
+    kv = torch.cat([store[slots.clamp(0, store.shape[0] - 1)] for store, slots, _ in parts], dim=1)
+    valid = torch.cat([valid for _, _, valid in parts], dim=1)
+    return ops.sink_attention(q, kv, valid, sink, scale)[0]
+
+
+@pytest.mark.parametrize("heads", [1, 3, 8, 12])
+@pytest.mark.parametrize("dim", [16, 64, 128])
+@pytest.mark.parametrize("n_parts", [1, 2])
+def test_sink_attention_matches_gathered_reference(heads: int, dim: int, n_parts: int) -> None:
+    g = torch.Generator().manual_seed(heads * 1000 + dim + n_parts)
+    t = 9
+    parts = []
+    for j, rows in zip(range(n_parts), (37, 70), strict=False):
+        store = torch.randn(rows, dim, generator=g)
+        slots = torch.randint(0, rows, (t, 5 + 7 * j), generator=g)
+        valid = torch.rand(t, 5 + 7 * j, generator=g) > 0.3
+        valid[0] = False  # a token that sees nothing but the sink: its output is 0
+        slots[1, ~valid[1]] = 10**9  # masked slots may be out of range: they must not be read
+        parts.append((store, slots, valid))
+    q = torch.randn(t, heads, dim, generator=g) * 2
+    sink = torch.randn(heads, generator=g)
+    with torch.no_grad():
+        got = kernels.sink_attention(q, parts, sink, dim**-0.5)
+        clean = [(s, sl.masked_fill(~v, 0), v) for s, sl, v in parts]
+        want = _gather_reference(q, clean, sink, dim**-0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # summation order differs
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+
+
+def test_sink_attention_extreme_scores() -> None:
+    # Scores spanning far more than exp's range: the softmax must stay finite and exact in the limit.
+    g = torch.Generator().manual_seed(0)
+    store = torch.randn(50, 32, generator=g)
+    slots = torch.arange(50).expand(4, 50)
+    valid = torch.ones(4, 50, dtype=torch.bool)
+    q = torch.randn(4, 2, 32, generator=g) * 200
+    sink = torch.tensor([-1e4, 1e4])  # no sink mass / all sink mass
+    with torch.no_grad():
+        got = kernels.sink_attention(q, [(store, slots, valid)], sink, 32**-0.5)
+        want = _gather_reference(q, [(store, slots, valid)], sink, 32**-0.5)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_sink_attention_rejects_bad_input() -> None:
+    store, slots, valid = torch.randn(4, 24), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool)
+    with torch.no_grad(), pytest.raises(ValueError, match="multiple of 16"):
+        kernels.sink_attention(torch.randn(2, 1, 24), [(store, slots, valid)], torch.zeros(1), 1.0)
+    with torch.no_grad(), pytest.raises(ValueError, match="float32"):
+        kernels.sink_attention(torch.randn(2, 1, 16).double(), [(torch.randn(4, 16), slots, valid)],
+                               torch.zeros(1), 1.0)
+    with torch.no_grad(), pytest.raises(ValueError, match="slots"):
+        kernels.sink_attention(torch.randn(2, 1, 16), [(torch.randn(4, 16), slots[:1], valid)], torch.zeros(1), 1.0)
+
+
+def _mhc_inputs(t: int, n: int, d: int, seed: int, expanded: bool):  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(t, d, generator=g).unsqueeze(1).expand(-1, n, -1) if expanded else torch.randn(t, n, d, generator=g)
+    fn = torch.randn((2 + n) * n, n * d, generator=g) * 0.05
+    base = torch.randn((2 + n) * n, generator=g) * 0.3
+    scale = torch.rand(3, generator=g) + 0.5
+    return h, fn, base, scale
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 5])
+@pytest.mark.parametrize("expanded", [False, True])
+def test_hc_pre_post_match_pytorch(n: int, expanded: bool) -> None:
+    h, fn, base, scale = _mhc_inputs(7, n, 48, n, expanded)
+    kw = dict(rms_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=20)
+    f = torch.randn(7, 48)
+    with torch.no_grad():
+        want = hc_pre(h, fn, base, scale, **kw)
+        got = hc_pre(h, fn, base, scale, **kw, native=True)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(hc_post(f, h, want[1], want[2], native=True), hc_post(f, h, want[1], want[2]),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_native_paths_stay_out_of_autograd_and_invariant_mode() -> None:
+    h, fn, base, scale = _mhc_inputs(5, 4, 32, 0, False)
+    kw = dict(rms_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=20)
+    fn.requires_grad_(True)
+    x, post, comb = hc_pre(h, fn, base, scale, **kw, native=True)  # grad enabled: the PyTorch path
+    assert x.requires_grad and comb.requires_grad
+    with torch.no_grad():
+        plain = hc_pre(h, fn, base, scale, **kw, invariant=True)
+        asked = hc_pre(h, fn, base, scale, **kw, invariant=True, native=True)
+    for a, b in zip(plain, asked, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cpu_backend_meets_the_attention_contract() -> None:
+    check_attention_backend(CpuAttentionBackend)
+
+
+def test_native_model_matches_reference_on_a_paged_decode() -> None:
+    """Chunked prefill then decode through the pool: the native model's logits equal the plain one's."""
+    from dsv4.cache.paged import PagedKVPool
+    from dsv4.core.batch import ForwardBatch
+
+    cfg = ModelConfig.tiny()
+    ref = random_model(cfg, seed=3)
+    fast = random_model(cfg, seed=3)
+    fast.attn_backend = CpuAttentionBackend(cfg, "cpu")
+    assert fast.use_native_kernels()
+    ids = torch.randint(0, cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+    pools = [PagedKVPool.for_capacity(m.attn_backend.kv_streams(), 160, 3, page_size=4) for m in (ref, fast)]
+    pos = 0
+    with torch.no_grad():
+        for n in (13, 1, 9, 1, 1, 15):  # prefill chunks and decode steps, some inside compression blocks
+            outs = []
+            for model, pool in zip((ref, fast), pools, strict=True):
+                for rid in range(3):
+                    pool.reserve(rid, pos + n)
+                batch = ForwardBatch.from_requests([ids[r, pos : pos + n] for r in range(3)], [pos] * 3,
+                                                   rids=[0, 1, 2], sample="all")
+                outs.append(model.run(batch, pool).logits)
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+            pos += n
+
+
+def _run(code: str, **env: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_disabled_by_environment_falls_back(tmp_path: Path) -> None:
+    out = _run("""
+        from dsv4 import native
+        from dsv4.core.config import ModelConfig
+        from dsv4.model import build_model
+        print(native.available(), native.unavailable_reason())
+        print(build_model(ModelConfig.tiny(), attention_backend="auto").attn_backend.name)
+    """, DSV4_NATIVE="0", DSV4_CACHE_DIR=str(tmp_path))
+    assert out.splitlines() == ["False disabled by DSV4_NATIVE=0", "reference"]
+
+
+def test_a_failing_compiler_falls_back_with_its_reason(tmp_path: Path) -> None:
+    fake = tmp_path / "fakecc"
+    fake.write_text("#!/bin/sh\necho 'fakecc: error: no such compiler feature' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    out = _run("""
+        import torch
+        from dsv4 import native
+        from dsv4.model.mhc import hc_pre
+        print(native.available())
+        print(native.unavailable_reason())
+        h = torch.randn(3, 2, 16); fn = torch.randn(8, 32); base = torch.zeros(8); scale = torch.ones(3)
+        with torch.no_grad():  # the model code takes its PyTorch path
+            x, _, _ = hc_pre(h, fn, base, scale, rms_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=3, native=True)
+        print(tuple(x.shape))
+    """, CC=str(fake), DSV4_CACHE_DIR=str(tmp_path / "cache"))
+    lines = out.splitlines()
+    assert lines[0] == "False"
+    assert "fakecc" in lines[1] and "no such compiler feature" in lines[1]
+    assert lines[2] == "(3, 16)"
+
+
+def test_builds_are_cached_per_source_and_machine(tmp_path: Path) -> None:
+    code = """
+        from dsv4 import native
+        assert native.available(), native.unavailable_reason()
+        print(sorted(p.name for p in native.cache_dir().iterdir()))
+    """
+    first = _run(code, DSV4_CACHE_DIR=str(tmp_path))
+    second = _run(code, DSV4_CACHE_DIR=str(tmp_path))
+    assert first == second and first.count(".so") == 1  # built once, then reused; no temporary left
+
+
+def test_rms_norm_matches_pytorch() -> None:
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(6, 3, 200, generator=g) * 3
+    x = wide[..., 40:140]  # rows with a stride: a split projection's view
+    w = torch.randn(100, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), ops.rms_norm(x, w, 1e-6), rtol=1e-5, atol=1e-6)
+        unit = kernels.rms_norm(x, None, 1e-6)
+        torch.testing.assert_close(unit, x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="weight"):
+        kernels.rms_norm(x, w[:5], 1e-6)
+
+
+def test_use_native_kernels_is_off_in_batch_invariant_mode() -> None:
+    model = random_model(ModelConfig.tiny(), seed=0)
+    assert model.use_native_kernels()
+    model.set_batch_invariant(True, max_context=64)
+    assert not any(getattr(m, "native", False) for m in model.modules())
+    assert not model.use_native_kernels()
