@@ -77,10 +77,11 @@ def make_checkpoint(path: Path) -> None:
     write_byte_tokenizer(path, vocab_size=cfg.vocab_size)
 
 
-def decode_step_ms(model_dir: Path, batch: int, context: int, steps: int) -> float:
-    """Steady-state time of one decode step with ``batch`` running sequences at ``context`` tokens."""
+def decode_step_ms(model_dir: Path, batch: int, context: int, steps: int, native: bool = True) -> float:
+    """Steady-state time of one decode step with ``batch`` running sequences at ``context`` tokens
+    (``native=False``: the engine without dsv4's native CPU kernels, on its PyTorch paths)."""
     engine = Engine(model_dir, max_num_seqs=batch, max_num_batched_tokens=max(batch, 2048),
-                    max_model_len=context + 6 * steps + batch + 8)
+                    max_model_len=context + 6 * steps + batch + 8, native_kernels=native)
     params = SamplingParams(temperature=0, max_tokens=6 * steps + batch, ignore_eos=True)
     g = torch.Generator().manual_seed(batch)
     for _ in range(batch):
@@ -170,15 +171,17 @@ def main() -> None:
     print(f"model {params_m:.1f}M params, {torch.get_num_threads()} threads, fp32 matmul peak {peak:.0f} GFLOP/s, "
           f"{fpt / 1e6:.1f} MFLOP/token at context {args.context}")
 
-    print(f"\ndecode step (context {args.context}):\n  batch   ms/step   tok/s   GFLOP/s   % of peak")
+    print(f"\ndecode step (context {args.context}):\n  batch   ms/step   tok/s   GFLOP/s   % of peak"
+          "   PyTorch paths ms/step (native kernels off)")
     decode: dict[int, dict[str, float]] = {}
     for b in (int(x) for x in args.batches.split(",")):
         ms = decode_step_ms(model_dir, b, args.context, steps=8)
+        plain = decode_step_ms(model_dir, b, args.context, steps=8, native=False)
         tps = b / ms * 1000
         gf = tps * fpt / 1e9
         decode[b] = {"ms_per_step": round(ms, 2), "tok_s": round(tps, 1), "GFLOPs": round(gf, 1),
-                     "pct_peak": round(100 * gf / peak, 1)}
-        print(f"  {b:5d}   {ms:7.1f}   {tps:5.0f}   {gf:7.1f}   {100 * gf / peak:6.1f}%")
+                     "pct_peak": round(100 * gf / peak, 1), "pytorch_paths_ms_per_step": round(plain, 2)}
+        print(f"  {b:5d}   {ms:7.1f}   {tps:5.0f}   {gf:7.1f}   {100 * gf / peak:6.1f}%   {plain:7.1f}")
     res["decode"] = decode
 
     g = torch.Generator().manual_seed(0)

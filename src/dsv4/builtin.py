@@ -30,11 +30,13 @@ def register_kv_pools() -> list[type[Any]]:
 
 @hookimpl
 def register_expert_executors() -> list[type[Any]]:
-    """The reference expert executor (``"reference"``) and the batched one (``"grouped"``)."""
+    """The reference expert executor (``"reference"``), the batched one (``"grouped"``) and the
+    native-kernel one (``"cpu"``)."""
+    from dsv4.moe.cpu import CpuExpertExecutor
     from dsv4.moe.grouped import GroupedExpertExecutor
     from dsv4.moe.reference import ReferenceExpertExecutor
 
-    return [ReferenceExpertExecutor, GroupedExpertExecutor]
+    return [ReferenceExpertExecutor, GroupedExpertExecutor, CpuExpertExecutor]
 
 
 @hookimpl

@@ -299,7 +299,7 @@ def test_builtins_registered() -> None:
     assert {kind: registry.names(kind) for kind in INTERFACES} == {
         "attention_backend": ["reference", "cpu"],
         "kv_pool": ["paged"],
-        "expert_executor": ["reference", "grouped"],
+        "expert_executor": ["reference", "grouped", "cpu"],
         "verifier": ["exact", "numeric", "math", "regex", "format", "code"],
         "scheduler": ["fcfs"],
     }

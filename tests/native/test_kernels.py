@@ -221,3 +221,83 @@ def test_use_native_kernels_is_off_in_batch_invariant_mode() -> None:
     model.set_batch_invariant(True, max_context=64)
     assert not any(getattr(m, "native", False) for m in model.modules())
     assert not model.use_native_kernels()
+
+
+def _experts(cfg: ModelConfig, seed: int = 0):  # type: ignore[no-untyped-def]
+    return random_model(cfg, seed=seed).layers[1].ffn.experts
+
+
+@pytest.mark.parametrize("tokens,k,limit", [(1, 1, 0.0), (5, 2, 7.0), (40, 3, 0.0), (70, 2, 2.5)])
+def test_cpu_executor_matches_reference(tokens: int, k: int, limit: float) -> None:
+    from dsv4.moe.cpu import CpuExpertExecutor
+    from dsv4.moe.reference import ReferenceExpertExecutor
+
+    cfg = ModelConfig.tiny(num_experts_per_tok=k, swiglu_limit=limit)  # the experts' own limit too
+    experts = _experts(cfg)
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, cfg.hidden_size, generator=g) * 3
+    # Skewed routing: expert 0 gets more than one 16-row block, the last expert none.
+    idx = torch.stack([torch.randperm(len(experts) - 1, generator=g)[:k] for _ in range(tokens)])
+    idx[: tokens // 2, 0] = 0
+    w = torch.rand(tokens, k, generator=g)
+    executor = CpuExpertExecutor(cfg)
+    with torch.no_grad():
+        want = ReferenceExpertExecutor(cfg).forward(experts, x, idx, w, limit)
+        got = executor.forward(experts, x, idx, w, limit)
+        again = executor.forward(experts, x, idx, w, limit)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # outputs of magnitude ~10-100
+    assert torch.equal(got, again)  # deterministic whatever the thread schedule
+
+
+def test_cpu_executor_follows_weight_updates() -> None:
+    from dsv4.moe.cpu import CpuExpertExecutor
+    from dsv4.moe.reference import ReferenceExpertExecutor
+
+    cfg = ModelConfig.tiny()
+    experts = _experts(cfg)
+    x = torch.randn(6, cfg.hidden_size)
+    idx = torch.zeros(6, cfg.num_experts_per_tok, dtype=torch.long)
+    idx[:, 1:] = 1
+    w = torch.ones(6, cfg.num_experts_per_tok)
+    executor = CpuExpertExecutor(cfg)
+    with torch.no_grad():
+        lim = cfg.swiglu_limit
+        before = executor.forward(experts, x, idx, w, lim)
+        experts[0].w2.weight.mul_(2.0)  # an optimizer step / weight sync, in place
+        after = executor.forward(experts, x, idx, w, lim)
+        experts[1].w1.weight = torch.nn.Parameter(experts[1].w1.weight * -1)  # a replaced Parameter
+        replaced = executor.forward(experts, x, idx, w, lim)
+        want = ReferenceExpertExecutor(cfg).forward(experts, x, idx, w, lim)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(replaced, want, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_executor_leaves_training_to_the_reference_loop() -> None:
+    from dsv4.moe.cpu import CpuExpertExecutor
+
+    cfg = ModelConfig.tiny()
+    experts = _experts(cfg)
+    x = torch.randn(4, cfg.hidden_size, requires_grad=True)
+    idx = torch.zeros(4, cfg.num_experts_per_tok, dtype=torch.long)
+    out = CpuExpertExecutor(cfg).forward(experts, x, idx, torch.ones(4, cfg.num_experts_per_tok), 0.0)
+    out.sum().backward()
+    assert x.grad is not None and experts[0].w1.weight.grad is not None
+
+
+def test_engine_auto_picks_native_plugins(tmp_path: Path) -> None:
+    import dsv4
+    from dsv4 import Engine
+
+    cfg = ModelConfig.tiny()
+    dsv4.save_model(random_model(cfg, seed=0), tmp_path)
+    fast = Engine(tmp_path)
+    assert (fast.model.attn_backend.name, fast.model.expert_executor.name) == ("cpu", "cpu")
+    plain = Engine(tmp_path, native_kernels=False)
+    assert (plain.model.attn_backend.name, plain.model.expert_executor.name) == ("reference", "grouped")
+    invariant = Engine(tmp_path, batch_invariant=True)
+    assert (invariant.model.attn_backend.name, invariant.model.expert_executor.name) == ("reference", "reference")
+    prompts = [[5, 6, 7, 8, 9] * 7, [11, 12, 13] * 5]
+    params = dsv4.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    a = [o.outputs[0].token_ids for o in fast.generate(prompts, params)]
+    b = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+    assert a == b

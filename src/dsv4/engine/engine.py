@@ -45,9 +45,11 @@ class EngineConfig(RunConfigModel):
     model: str | None = None  # checkpoint directory (config.json, safetensors, tokenizer.json)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # CPU: keep float32
     device: str = "cpu"
-    # Plugin names (see `dsv4 plugins`); "auto": "cpu" (native kernels) where it applies, else "reference".
+    # Plugin names (see `dsv4 plugins`). "auto": the native-kernel "cpu" plugins where they apply
+    # (CPU, native_kernels, not batch_invariant), else the "reference" backend and, for experts,
+    # "grouped" (batched small steps) or "reference" in batch-invariant mode.
     attention_backend: str = "auto"
-    expert_executor: str = "grouped"  # batched experts for small steps, the reference loop for large
+    expert_executor: str = "auto"
     kv_pool: str = "paged"
     scheduler: str = "fcfs"
     fake_quant: bool = False  # reproduce the reference's FP8/FP4 activation quantisation
@@ -100,15 +102,16 @@ class Engine:
         if isinstance(model, Transformer):
             self.model = model.eval()
         elif config.model is not None:
-            backend = config.attention_backend
-            if backend == "auto" and not config.native_kernels:
-                backend = "reference"
+            backend, executor = config.attention_backend, config.expert_executor
+            if not config.native_kernels or config.batch_invariant:
+                backend = "reference" if backend == "auto" else backend
+                executor = ("reference" if config.batch_invariant else "grouped") if executor == "auto" else executor
             self.model = load_model(
                 config.model,
                 dtype=_DTYPES[config.dtype],
                 device=config.device,
                 attention_backend=backend,
-                expert_executor=config.expert_executor,
+                expert_executor=executor,
                 fake_quant=config.fake_quant,
             )
         else:

@@ -30,8 +30,8 @@ def build_model(
 ) -> Transformer:
     """A model for ``config`` with the named plugins; randomly initialised (seeded) when ``init``.
 
-    ``attention_backend="auto"`` takes the native-kernel ``"cpu"`` backend where it serves the
-    configuration (a CPU device, kernels built) and ``"reference"`` otherwise.
+    ``"auto"`` takes the native-kernel ``"cpu"`` plugins where they serve the configuration (a CPU
+    device, kernels built), else the ``"reference"`` attention backend and the ``"grouped"`` executor.
     """
     dev = torch.device(device)
     registry = get_registry()
@@ -40,7 +40,11 @@ def build_model(
     else:
         backend_cls = registry.select("attention_backend", attention_backend, config, dev)
     backend = backend_cls(config, dev)
-    executor = registry.select("expert_executor", expert_executor, config, dev)(config, dev)
+    if expert_executor == "auto":
+        executor_cls = registry.first_available("expert_executor", config, dev, prefer=("cpu", "grouped"))
+    else:
+        executor_cls = registry.select("expert_executor", expert_executor, config, dev)
+    executor = executor_cls(config, dev)
     with torch.device("meta"):
         model = Transformer(config, attention_backend=backend, expert_executor=executor, fake_quant=fake_quant)
     model.to_empty(device=dev)

@@ -21,7 +21,12 @@ typedef float v16u __attribute__((vector_size(64), aligned(4)));
 
 static inline v16 ld(const float* p) { return *(const v16u*)p; }
 static inline void st(float* p, v16 v) { *(v16u*)p = v; }
+typedef int32_t i16 __attribute__((vector_size(64)));
 static inline v16 splat(float x) { return (v16){0} + x; }
+static inline v16 vmax(v16 a, v16 b) { /* lane-wise max (vector ?: is C++ only) */
+    const i16 m = a > b;
+    return (v16)((m & (i16)a) | (~m & (i16)b));
+}
 
 /* Sums of 8 vectors' lanes, as lanes 0-7 (a transpose-and-add tree: 8 adds, no scalar work). */
 static inline v16 hsum8(const v16 a[8]) {
@@ -77,7 +82,8 @@ void dsv4_sink_attention(int64_t T, int64_t H, int64_t D, const float* q, float 
     const int64_t J = Ja + Jb, C = D / 16, Hp = (H + HB - 1) / HB * HB;
 #pragma omp parallel
     {
-        float* s = (float*)malloc(sizeof(float) * (size_t)(Hp * (J + 16)));
+        /* Scores of a block of 8 heads as [row][8] (+1 spare row: 16-lane stores), rows padded to even. */
+        float* s = (float*)malloc(sizeof(float) * (size_t)(HB * (J + 3)));
         const float** rows = (const float**)malloc(sizeof(float*) * (size_t)(J + 1));
         float* qpad = (float*)calloc((size_t)(Hp * D), sizeof(float));
 #pragma omp for schedule(static)
@@ -88,45 +94,61 @@ void dsv4_sink_attention(int64_t T, int64_t H, int64_t D, const float* q, float 
                 if (valid_a[t * Ja + j]) rows[n++] = store_a + slots_a[t * Ja + j] * D;
             for (int64_t j = 0; j < Jb; j++)
                 if (valid_b[t * Jb + j]) rows[n++] = store_b + slots_b[t * Jb + j] * D;
-            const int64_t ld_s = J + 16;
+            const int64_t n2 = (n + 1) / 2 * 2;
             for (int64_t h0 = 0; h0 < Hp; h0 += HB) {
-                for (int64_t j = 0; j < n; j++) {
-                    const float* r = rows[j];
-                    v16 acc[HB];
-                    for (int h = 0; h < HB; h++) acc[h] = splat(0.f);
+                /* Scores, and each head's running max (lanes 0-7; sinks included). */
+                v16 mx = splat(-INFINITY);
+                for (int h = 0; h < HB; h++) mx[h] = h0 + h < H ? sink[h0 + h] : 0.f;
+                for (int64_t j = 0; j < n; j += 2) { /* two rows at a time: q loads shared */
+                    const float* r0 = rows[j];
+                    const float* r1 = rows[j + 1 < n ? j + 1 : j];
+                    v16 a0[HB], a1[HB];
+                    for (int h = 0; h < HB; h++) a0[h] = a1[h] = splat(0.f);
                     for (int64_t c = 0; c < C; c++) {
-                        v16 rv = ld(r + 16 * c);
-                        for (int h = 0; h < HB; h++) acc[h] += ld(qpad + (h0 + h) * D + 16 * c) * rv;
+                        const v16 x0 = ld(r0 + 16 * c), x1 = ld(r1 + 16 * c);
+                        for (int h = 0; h < HB; h++) {
+                            const v16 qv = ld(qpad + (h0 + h) * D + 16 * c);
+                            a0[h] += qv * x0;
+                            a1[h] += qv * x1;
+                        }
                     }
-                    const v16 sums = hsum8(acc) * scale;
-                    for (int h = 0; h < HB; h++) s[(h0 + h) * ld_s + j] = sums[h];
+                    const v16 s0 = hsum8(a0) * scale, s1 = hsum8(a1) * scale;
+                    st(s + j * HB, s0); /* lanes 8-15 spill into the next row, overwritten next */
+                    mx = vmax(s0, mx);
+                    if (j + 1 < n) {
+                        st(s + (j + 1) * HB, s1);
+                        mx = vmax(s1, mx);
+                    }
                 }
-            }
-            for (int64_t h = 0; h < H; h++) {
-                float* sh = s + h * ld_s;
-                float m = sink[h];
-#pragma omp simd reduction(max : m)
-                for (int64_t j = 0; j < n; j++) m = sh[j] > m ? sh[j] : m;
-                float den = 0.f;
-#pragma omp simd reduction(+ : den)
-                for (int64_t j = 0; j < n; j++) {
-                    sh[j] = fexp(sh[j] - m);
-                    den += sh[j];
+                for (int h = 0; h < HB; h++) mx[h + 8] = mx[h];
+                for (int64_t k = n * HB; k < n2 * HB; k++) s[k] = -INFINITY; /* the odd row's partner */
+                /* e^(s - max) in place, two rows per vector; per-head sums. */
+                float m16[16], d16[16] = {0};
+                st(m16, mx);
+                for (int64_t j = 0; j < n2; j += 2) {
+                    float* sp = s + j * HB;
+#pragma omp simd
+                    for (int i = 0; i < 16; i++) {
+                        sp[i] = fexp(sp[i] - m16[i]);
+                        d16[i] += sp[i];
+                    }
                 }
-                const float inv = 1.f / (den + expf(sink[h] - m));
-                for (int64_t j = 0; j < n; j++) sh[j] *= inv;
-            }
-            float* ot = out + t * H * D;
-            for (int64_t h0 = 0; h0 < H; h0 += HB) {
+                const v16 den = ld(d16);
+                float inv[HB];
+                for (int h = 0; h < HB; h++)
+                    inv[h] = h0 + h < H ? 1.0f / (den[h] + den[h + 8] + expf(sink[h0 + h] - mx[h])) : 0.f;
+                /* o[h] = sum_j p[j, h] row_j, normalised at the end. */
+                float* ot = out + t * H * D;
                 const int64_t hb = H - h0 < HB ? H - h0 : HB;
                 for (int64_t c = 0; c < C; c++) {
                     v16 o[HB];
                     for (int h = 0; h < HB; h++) o[h] = splat(0.f);
                     for (int64_t j = 0; j < n; j++) {
-                        v16 rv = ld(rows[j] + 16 * c);
-                        for (int h = 0; h < HB; h++) o[h] += s[(h0 + h < H ? h0 + h : 0) * ld_s + j] * rv;
+                        const v16 rv = ld(rows[j] + 16 * c);
+                        const float* p = s + j * HB;
+                        for (int h = 0; h < HB; h++) o[h] += p[h] * rv;
                     }
-                    for (int64_t h = 0; h < hb; h++) st(ot + (h0 + h) * D + 16 * c, o[h]);
+                    for (int64_t h = 0; h < hb; h++) st(ot + (h0 + h) * D + 16 * c, o[h] * inv[h]);
                 }
             }
         }
@@ -250,4 +272,121 @@ void dsv4_rms_norm(int64_t T, int64_t D, const float* x, int64_t st, const float
             for (int64_t k = 0; k < D; k++) yt[k] = xt[k] * r;
         }
     }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Routed experts of one MoE layer (spec §6) for decode-sized steps: every expert's rows in blocks
+ * of up to 16, each block's two products and the clamped SwiGLU in one pass, summed into out.
+ *
+ * Weights are panel-packed by the caller: a [N, K] weight becomes [N/16, K, 16] (16 output columns
+ * per panel, K contiguous rows of them), so a block's product is 16-row outer-product updates from
+ * one contiguous stream. gate_up [E][2I/16][D][16] (gate = w1 then up = w3), down [E][D/16][I][16].
+ */
+
+/* e^x over the whole float range: fexp's reduction, clamped to [-87, 88]. */
+static inline float fexp_any(float x) {
+    const float y = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float n = floorf(y * 1.44269504088896341f + 0.5f);
+    const float r = y - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* C[M, N] = A[M, K] (row stride lda) times the panel-packed B; M <= 16 (a constant after inlining). */
+static inline __attribute__((always_inline)) void gemm_rows(const int M, const float* A, int64_t lda,
+                                                             const float* B, int64_t K, int64_t N, float* C,
+                                                             int64_t ldc) {
+    for (int64_t nt = 0; nt < N / 16; nt++) {
+        const float* b = B + nt * K * 16;
+        v16 acc[16];
+        for (int m = 0; m < M; m++) acc[m] = splat(0.f);
+        for (int64_t k = 0; k < K; k++) {
+            const v16 w = ld(b + k * 16);
+            for (int m = 0; m < M; m++) acc[m] += A[m * lda + k] * w;
+        }
+        for (int m = 0; m < M; m++) st(C + m * ldc + nt * 16, acc[m]);
+    }
+}
+
+static void gemm(int M, const float* A, int64_t lda, const float* B, int64_t K, int64_t N, float* C, int64_t ldc) {
+    switch (M) {
+#define CASE(m) \
+    case m: gemm_rows(m, A, lda, B, K, N, C, ldc); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+        CASE(9) CASE(10) CASE(11) CASE(12) CASE(13) CASE(14) CASE(15) CASE(16)
+#undef CASE
+        default: break;
+    }
+}
+
+/* out[t] = sum_j weights[a] * expert_{e(a)}(x[t]) over token t's k assignments a = inv[t*k + j], in
+ * j order (so the result does not depend on how threads share the work). Assignments are sorted by
+ * expert: those of expert e are offsets[e] .. offsets[e+1]-1, of tokens[a]. limit > 0 clamps the
+ * SwiGLU (gate <= limit, |up| <= limit). x [T, D], out [T, D] contiguous; scratch [A, D]. */
+void dsv4_moe_experts(int64_t T, int64_t D, int64_t I, const float* x, int64_t E, const float* gate_up,
+                      const float* down, const int64_t* offsets, const int64_t* tokens, const float* weights,
+                      const int64_t* inv, int64_t k, float limit, float* scratch, float* out) {
+    int64_t n_items = 0;
+    for (int64_t e = 0; e < E; e++) n_items += (offsets[e + 1] - offsets[e] + 15) / 16;
+    int64_t* items = (int64_t*)malloc(sizeof(int64_t) * 2 * (size_t)(n_items + 1));
+    int64_t n = 0;
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t a = offsets[e]; a < offsets[e + 1]; a += 16) {
+            items[2 * n] = e;
+            items[2 * n + 1] = a;
+            n++;
+        }
+#pragma omp parallel
+    {
+        float* xb = (float*)malloc(sizeof(float) * (size_t)(16 * D));
+        float* h = (float*)malloc(sizeof(float) * (size_t)(16 * 2 * I));
+        float* act = (float*)malloc(sizeof(float) * (size_t)(16 * I));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < n_items; it++) {
+            const int64_t e = items[2 * it], a0 = items[2 * it + 1];
+            const int64_t rows = offsets[e + 1] - a0 < 16 ? offsets[e + 1] - a0 : 16;
+            for (int64_t m = 0; m < rows; m++) memcpy(xb + m * D, x + tokens[a0 + m] * D, sizeof(float) * (size_t)D);
+            gemm((int)rows, xb, D, gate_up + e * 2 * I * D, D, 2 * I, h, 2 * I);
+            for (int64_t m = 0; m < rows; m++) {
+                const float* g = h + m * 2 * I;
+                const float* u = g + I;
+                const float w = weights[a0 + m];
+                float* o = act + m * I;
+#pragma omp simd
+                for (int64_t j = 0; j < I; j++) {
+                    float gj = g[j], uj = u[j];
+                    if (limit > 0.f) {
+                        gj = gj < limit ? gj : limit;
+                        uj = uj < -limit ? -limit : (uj > limit ? limit : uj);
+                    }
+                    o[j] = gj / (1.0f + fexp_any(-gj)) * uj * w; /* the routing weight, folded in */
+                }
+            }
+            gemm((int)rows, act, I, down + e * D * I, I, D, scratch + a0 * D, D);
+        }
+        free(xb);
+        free(h);
+        free(act);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            float* o = out + t * D;
+            const float* first = scratch + inv[t * k] * D;
+            memcpy(o, first, sizeof(float) * (size_t)D);
+            for (int64_t j = 1; j < k; j++) {
+                const float* yj = scratch + inv[t * k + j] * D;
+#pragma omp simd
+                for (int64_t i = 0; i < D; i++) o[i] += yj[i];
+            }
+        }
+    }
+    free(items);
 }

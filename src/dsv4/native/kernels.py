@@ -13,7 +13,7 @@ import torch
 
 from dsv4.native import library
 
-__all__ = ["hc_post", "hc_pre", "rms_norm", "sink_attention", "supports"]
+__all__ = ["hc_post", "hc_pre", "moe_experts", "pack_panels", "rms_norm", "sink_attention", "supports"]
 
 _MAX_STREAMS = 16  # mHC streams n (stack arrays in the kernel)
 
@@ -153,3 +153,58 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     _lib().dsv4_rms_norm(rows.shape[0], d, rows.data_ptr(), rows.stride(0),
                          None if weight is None else weight.data_ptr(), float(eps), out.data_ptr())
     return out.view(x.shape)
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """A ``[N, K]`` weight as ``[N/16, K, 16]`` panels (16 output columns each), the layout
+    :func:`moe_experts` reads. ``N`` must be a multiple of 16."""
+    n, k = weight.shape
+    if n % 16:
+        raise ValueError(f"pack_panels: {n} output features is not a multiple of 16")
+    return weight.detach().float().reshape(n // 16, 16, k).transpose(1, 2).contiguous()
+
+
+def moe_experts(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+    limit: float,
+) -> torch.Tensor:
+    """``Σ_j weights[t, j] · expert_{idx[t, j]}(x[t])`` for ``x [T, D]`` with every expert's weights
+    panel-packed (:func:`pack_panels`): ``gate_up [E, 2I/16, D, 16]`` (w1 over w3) and
+    ``down [E, D/16, I, 16]`` (w2). The routed-experts sum of :class:`dsv4.model.moe.MoE`."""
+    for name, t in (("x", x), ("gate_up", gate_up), ("down", down), ("weights", weights)):
+        _check(name, t)
+    tokens_n, d = x.shape
+    e, n_gu, d_gu, _ = gate_up.shape
+    inter = n_gu * 8
+    if d_gu != d or tuple(down.shape) != (e, d // 16, inter, 16) or d % 16:
+        raise ValueError(f"moe_experts: gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} do not fit "
+                         f"x {tuple(x.shape)}")
+    if idx.shape != weights.shape or idx.dim() != 2 or idx.shape[0] != tokens_n:
+        raise ValueError(f"moe_experts: idx {tuple(idx.shape)} and weights {tuple(weights.shape)} must be [{tokens_n}, k]")
+    k = idx.shape[1]
+    if tokens_n == 0 or k == 0:
+        return torch.zeros_like(x)
+    if int(idx.min()) < 0 or int(idx.max()) >= e:
+        raise ValueError(f"moe_experts: expert ids must be in [0, {e}), got {int(idx.min())}..{int(idx.max())}")
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=e)
+    offsets = torch.zeros(e + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    tokens = (order // k).contiguous()
+    sorted_w = weights.reshape(-1)[order].contiguous()
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel())
+    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
+    scratch = x.new_empty(order.numel(), d)
+    out = torch.empty_like(x)
+    _lib().dsv4_moe_experts(
+        tokens_n, d, inter, x.data_ptr(), e, gate_up.data_ptr(), down.data_ptr(),
+        offsets.data_ptr(), tokens.data_ptr(), sorted_w.data_ptr(), inv.data_ptr(), k, float(limit),
+        scratch.data_ptr(), out.data_ptr(),
+    )
+    return out

@@ -31,8 +31,9 @@ def _model(**build: Any) -> Any:
     return random_model(ModelConfig.tiny(), seed=0, **build)
 
 
-def check_attention_backend(cls: type[Any], *, atol: float = 1e-5) -> None:
-    """Full forward, chunked cached prefill and decode all match the reference backend."""
+def check_attention_backend(cls: type[Any], *, atol: float = 1e-4) -> None:
+    """Full forward, chunked cached prefill and decode all match the reference backend (logits within
+    ``atol``: the engine's bar; fused kernels legitimately sum in another order than the reference)."""
     cfg = ModelConfig.tiny()
     device = torch.device("cpu")
     if (reason := cls.refuse(cfg, device)) is not None:
