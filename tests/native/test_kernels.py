@@ -301,3 +301,43 @@ def test_engine_auto_picks_native_plugins(tmp_path: Path) -> None:
     a = [o.outputs[0].token_ids for o in fast.generate(prompts, params)]
     b = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
     assert a == b
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("shape", [(5, 3, 24), (7, 64)])
+def test_rope_matches_pytorch(inverse: bool, shape: tuple[int, ...]) -> None:
+    from dsv4.attention.rope import apply_rope, rope_cis, rope_inv_freq
+
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(*shape, generator=g)
+    cis = rope_cis(torch.arange(100, 100 + shape[0]) * 37, rope_inv_freq(16, 10000.0, None))
+    with torch.no_grad():
+        want = apply_rope(x, cis, inverse=inverse)
+        got = apply_rope(x, cis, inverse=inverse, native=True)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert got.data_ptr() != x.data_ptr()  # a copy, as the PyTorch path
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_compress_entries_matches_pytorch(overlap: bool) -> None:
+    from dsv4.attention.rope import rope_cis, rope_inv_freq
+
+    g = torch.Generator().manual_seed(int(overlap))
+    m, c, rd = 4, 32, 16
+    coff = 2 if overlap else 1
+    rows = torch.randn(50, 2 * coff * c, generator=g) * 2
+    slots = torch.randint(0, 50, (6, coff * m), generator=g)
+    valid = torch.ones(6, coff * m, dtype=torch.bool)
+    if overlap:
+        valid[0, :m] = False  # block 0 has no previous block
+        slots[0, :m] = 10**9  # and its missing slots are never read
+    ape = torch.randn(m, coff * c, generator=g)
+    norm = torch.rand(c, generator=g) + 0.5
+    inv_freq = rope_inv_freq(rd, 10000.0, None)
+    positions = torch.arange(6) * m
+    with torch.no_grad():
+        want = ops.compress_entries(rows[slots.clamp(max=49)], valid, ape=ape, norm_weight=norm, eps=1e-6,
+                                    positions=positions, inv_freq=inv_freq, overlap=overlap)
+        got = kernels.compress_entries(rows, slots, valid, ape=ape, norm_weight=norm, eps=1e-6,
+                                       cis=rope_cis(positions, inv_freq), overlap=overlap)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -17,9 +17,10 @@ from typing import ClassVar
 
 import torch
 
-from dsv4.attention.reference import ReferenceAttentionBackend
+from dsv4.attention.reference import ReferenceAttentionBackend, _RatioPlan
+from dsv4.attention.rope import rope_cis
 from dsv4.core.config import ModelConfig
-from dsv4.core.interfaces import AttentionLayer
+from dsv4.core.interfaces import AttentionLayer, CompressorParams
 from dsv4.native import kernels, unavailable_reason
 
 __all__ = ["CpuAttentionBackend"]
@@ -53,3 +54,20 @@ class CpuAttentionBackend(ReferenceAttentionBackend):
         # A store with no rows yet (no entry emitted anywhere) has every pick masked: nothing to read.
         parts = [(store, rows, mask) for (store, rows), mask in zip(sources, masks, strict=True) if store.shape[0]]
         return kernels.sink_attention(q, parts, layer.attn_sink, layer.softmax_scale)
+
+    def _compress_entries(
+        self, rows: torch.Tensor, slots: torch.Tensor, rp: _RatioPlan, compressor: CompressorParams
+    ) -> torch.Tensor:
+        if (
+            self.invariant_context is not None
+            or compressor.finish is not None  # fake quantisation: the reference's arithmetic
+            or rows.dim() != 2
+            or not rows.is_contiguous()
+            or not kernels.supports(rows, compressor.ape, compressor.norm.weight)
+        ):
+            return super()._compress_entries(rows, slots, rp, compressor)
+        cis = rope_cis(rp.emit_block * rp.ratio, compressor.inv_freq)
+        return kernels.compress_entries(
+            rows, slots, rp.emit_valid, ape=compressor.ape, norm_weight=compressor.norm.weight,
+            eps=compressor.norm.eps, cis=cis, overlap=compressor.overlap,
+        )

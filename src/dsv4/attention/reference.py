@@ -381,7 +381,16 @@ class ReferenceAttentionBackend:
             plan, lid, rows_stream, plan.slots(rows_stream, "write", batch.req_index, batch.positions), new_rows
         )
         slots = plan.slots(rows_stream, "emit", rp.emit_req.unsqueeze(1), rp.emit_rows)
-        entries = ops.compress_entries(
+        entries = self._compress_entries(rows, slots, rp, compressor)
+        ent_slots = plan.slots(ent_stream, "write", rp.emit_req, rp.emit_block)
+        return self._store(plan, lid, ent_stream, ent_slots, entries)
+
+    def _compress_entries(
+        self, rows: torch.Tensor, slots: torch.Tensor, rp: _RatioPlan, compressor: CompressorParams
+    ) -> torch.Tensor:
+        """The entries ``[E, c]`` of the blocks closing in this step, from the compressor rows stored at
+        ``rows[slots]`` (backends with kernels that read the storage in place override this)."""
+        return ops.compress_entries(
             rows[slots],
             rp.emit_valid,
             ape=compressor.ape,
@@ -393,8 +402,6 @@ class ReferenceAttentionBackend:
             finish=compressor.finish,
             invariant=self.invariant_context is not None,
         )
-        ent_slots = plan.slots(ent_stream, "write", rp.emit_req, rp.emit_block)
-        return self._store(plan, lid, ent_stream, ent_slots, entries)
 
     @staticmethod
     def _store(plan: ReferencePlan, lid: int, stream: str, slots: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import math
 import torch
 
 from dsv4.core.numerics import pointwise
+from dsv4.native import kernels
 
 from dsv4.core.config import YarnScaling
 
@@ -40,14 +41,19 @@ def rope_cis(positions: torch.Tensor, inv_freq: torch.Tensor, invariant: bool = 
     return torch.complex(pointwise(torch.cos, angles, invariant), pointwise(torch.sin, angles, invariant))
 
 
-def apply_rope(x: torch.Tensor, cis: torch.Tensor, *, inverse: bool = False, invariant: bool = False) -> torch.Tensor:
+def apply_rope(
+    x: torch.Tensor, cis: torch.Tensor, *, inverse: bool = False, invariant: bool = False, native: bool = False
+) -> torch.Tensor:
     """Rotate the trailing ``2 * cis.shape[-1]`` channels of ``x`` as interleaved pairs.
 
     ``x [N, ..., d]`` with ``cis [N, rd/2]`` (broadcast over the middle dims): pair ``(x_2i, x_2i+1)``
     is multiplied, as a complex number, by ``cis[i]``. ``inverse`` applies the conjugate rotation (used
     to de-rotate the attention output, whose V carried rope). ``invariant`` spells the product out in
-    separately rounded real operations (a vectorised complex multiply may fuse them).
+    separately rounded real operations (a vectorised complex multiply may fuse them). ``native`` lets
+    inference (no autograd, not invariant) use the fused CPU kernel (:mod:`dsv4.native`).
     """
+    if native and not invariant and cis.dim() == 2 and kernels.supports(x):
+        return kernels.rope(x, cis, inverse)
     rd = 2 * cis.shape[-1]
     cis = cis.reshape(cis.shape[:-1] + (1,) * (x.dim() - cis.dim()) + cis.shape[-1:])
     out = x.to(torch.float32, copy=True)

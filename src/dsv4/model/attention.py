@@ -96,6 +96,7 @@ class Indexer(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim = config.index_n_heads, config.index_head_dim
         self.invariant = False
+        self.native = False  # fused CPU kernels for inference (Transformer.use_native_kernels)
         self.wq_b = _linear(config.q_lora_rank, self.n_heads * self.head_dim)
         self.weights_proj = _linear(config.hidden_size, self.n_heads)
         finish = _fp4_rotated if fake_quant else None
@@ -114,7 +115,8 @@ class Indexer(nn.Module):
         self, qr: torch.Tensor, weights: torch.Tensor, keys: CompressorInputs, cis: torch.Tensor
     ) -> IndexerInputs:
         """Indexer queries for the new tokens, with their (already projected) head weights and keys."""
-        q = apply_rope(self.wq_b(qr).view(-1, self.n_heads, self.head_dim), cis, invariant=self.invariant)
+        q = apply_rope(self.wq_b(qr).view(-1, self.n_heads, self.head_dim), cis, invariant=self.invariant,
+                       native=self.native)
         if self.finish is not None:
             q = self.finish(q)
         return IndexerInputs(q=q, weights=weights.float() * self.n_heads**-0.5, keys=keys)
@@ -203,8 +205,8 @@ class Attention(nn.Module):
             q = kernels.rms_norm(q, None, self.eps)
         else:
             q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)  # per-head RMS
-        q = apply_rope(q, cis, invariant=self.invariant)
-        kv = apply_rope(self.kv_norm(proj[1]), cis, invariant=self.invariant)  # [T, d], one head: K = V
+        q = apply_rope(q, cis, invariant=self.invariant, native=self.native)
+        kv = apply_rope(self.kv_norm(proj[1]), cis, invariant=self.invariant, native=self.native)  # [T, d]: K = V
         if self.kv_finish is not None:
             kv = self.kv_finish(kv)
         compressor = indexer = None
@@ -218,7 +220,8 @@ class Attention(nn.Module):
             indexer = self.indexer(qr.detach(), weights, keys, cis)
         inputs = AttentionInputs(q=q, kv=kv, compressor=compressor, indexer=indexer, aux=ctx.aux, routing=ctx.routing)
         o = ctx.backend.forward(self, inputs, ctx.metadata)  # [T, H, d]
-        o = apply_rope(o, cis, inverse=True, invariant=self.invariant)  # V carried rope: rotate back at the query position
+        # V carried rope: rotate back at the query position
+        o = apply_rope(o, cis, inverse=True, invariant=self.invariant, native=self.native)
         g = self.o_groups
         o = o.reshape(t, g, -1)  # [T, g, (H/g)·d]
         wo_a = self.wo_a.weight.view(g, -1, o.shape[-1])  # [g, r, (H/g)·d]

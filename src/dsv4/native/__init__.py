@@ -164,3 +164,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsv4_rms_norm.restype = None
     lib.dsv4_moe_experts.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, f32, ptr, ptr]
     lib.dsv4_moe_experts.restype = None
+    lib.dsv4_rope.argtypes = [i64, i64, i64, i64, ptr, ptr, ctypes.c_int32, ptr]
+    lib.dsv4_rope.restype = None
+    lib.dsv4_compress.argtypes = [i64, i64, i64, ctypes.c_int32, ptr, ptr, ptr, ptr, ptr, f32, ptr, i64, ptr]
+    lib.dsv4_compress.restype = None

@@ -390,3 +390,92 @@ void dsv4_moe_experts(int64_t T, int64_t D, int64_t I, const float* x, int64_t E
     }
     free(items);
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * Interleaved partial RoPE (spec §2): out = x with the trailing rd channels of every row of
+ * x [N, inner, d] (contiguous) rotated pairwise by cis [N, rd/2] (cos, sin pairs; the conjugate
+ * when inverse). out [N, inner, d] contiguous, not aliasing x.
+ */
+void dsv4_rope(int64_t N, int64_t inner, int64_t d, int64_t rd, const float* x, const float* cis, int32_t inverse,
+               float* out) {
+    const float sgn = inverse ? -1.0f : 1.0f;
+#pragma omp parallel for schedule(static) if (N * inner * d >= 65536)
+    for (int64_t n = 0; n < N; n++) {
+        const float* c = cis + n * rd;
+        for (int64_t i = 0; i < inner; i++) {
+            const float* xr = x + (n * inner + i) * d;
+            float* o = out + (n * inner + i) * d;
+            memcpy(o, xr, sizeof(float) * (size_t)(d - rd));
+            const float* xp = xr + d - rd;
+            float* op = o + d - rd;
+#pragma omp simd
+            for (int64_t j = 0; j < rd / 2; j++) {
+                const float a = xp[2 * j], b = xp[2 * j + 1], cs = c[2 * j], sn = sgn * c[2 * j + 1];
+                op[2 * j] = a * cs - b * sn;
+                op[2 * j + 1] = a * sn + b * cs;
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Block compression (spec §5.1) of E closing blocks, reading the compressor rows in place.
+ * rows [*, 2W] (W = coff*c: [K | Z] of a token), slots/valid [E, coff*m]: a block's slots (for
+ * overlap: the previous block's m tokens, then its own m). ape [m, W]. Per channel, a softmax over
+ * the valid slots of Z + ape weighs K; the entry is RMS-normed (weight norm_w) and its trailing rd
+ * channels rotated by cis [E, rd/2] (cos, sin). out [E, c].
+ */
+void dsv4_compress(int64_t E, int64_t m, int64_t c, int32_t overlap, const float* rows, const int64_t* slots,
+                   const uint8_t* valid, const float* ape, const float* norm_w, float eps, const float* cis,
+                   int64_t rd, float* out) {
+    const int64_t coff = overlap ? 2 : 1, W = coff * c, S = coff * m;
+#pragma omp parallel for schedule(static) if (E >= 8)
+    for (int64_t e = 0; e < E; e++) {
+        float* o = out + e * c;
+        float* mx = (float*)malloc(sizeof(float) * (size_t)(2 * c));
+        float* den = mx + c;
+        for (int64_t ch = 0; ch < c; ch++) {
+            mx[ch] = -INFINITY;
+            den[ch] = 0.f;
+            o[ch] = 0.f;
+        }
+        for (int pass = 0; pass < 2; pass++)
+            for (int64_t i = 0; i < S; i++) {
+                if (!valid[e * S + i]) continue;
+                const int64_t off = overlap && i >= m ? c : 0, a = i % m;
+                const float* row = rows + slots[e * S + i] * 2 * W;
+                const float* key = row + off;
+                const float* z = row + W + off;
+                const float* ap = ape + a * W + off;
+                if (pass == 0) {
+#pragma omp simd
+                    for (int64_t ch = 0; ch < c; ch++) {
+                        const float l = z[ch] + ap[ch];
+                        mx[ch] = l > mx[ch] ? l : mx[ch];
+                    }
+                } else {
+#pragma omp simd
+                    for (int64_t ch = 0; ch < c; ch++) {
+                        const float p = fexp(z[ch] + ap[ch] - mx[ch]);
+                        den[ch] += p;
+                        o[ch] += p * key[ch];
+                    }
+                }
+            }
+        float ss = 0.f;
+        for (int64_t ch = 0; ch < c; ch++) {
+            o[ch] = den[ch] > 0.f ? o[ch] / den[ch] : 0.f;
+            ss += o[ch] * o[ch];
+        }
+        const float r = 1.0f / sqrtf(ss / (float)c + eps);
+        for (int64_t ch = 0; ch < c; ch++) o[ch] = norm_w[ch] * (o[ch] * r);
+        const float* cs = cis + e * rd;
+        float* op = o + c - rd;
+        for (int64_t j = 0; j < rd / 2; j++) {
+            const float x0 = op[2 * j], x1 = op[2 * j + 1];
+            op[2 * j] = x0 * cs[2 * j] - x1 * cs[2 * j + 1];
+            op[2 * j + 1] = x0 * cs[2 * j + 1] + x1 * cs[2 * j];
+        }
+        free(mx);
+    }
+}

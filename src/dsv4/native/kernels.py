@@ -13,7 +13,7 @@ import torch
 
 from dsv4.native import library
 
-__all__ = ["hc_post", "hc_pre", "moe_experts", "pack_panels", "rms_norm", "sink_attention", "supports"]
+__all__ = ["compress_entries", "hc_post", "hc_pre", "moe_experts", "pack_panels", "rms_norm", "rope", "sink_attention", "supports"]
 
 _MAX_STREAMS = 16  # mHC streams n (stack arrays in the kernel)
 
@@ -207,4 +207,60 @@ def moe_experts(
         offsets.data_ptr(), tokens.data_ptr(), sorted_w.data_ptr(), inv.data_ptr(), k, float(limit),
         scratch.data_ptr(), out.data_ptr(),
     )
+    return out
+
+
+def rope(x: torch.Tensor, cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """:func:`dsv4.attention.rope.apply_rope` (not invariant): a copy of ``x [N, ..., d]`` with its
+    trailing ``2 * cis.shape[-1]`` channels rotated by ``cis [N, rd/2]`` (complex64)."""
+    _check("x", x)
+    if cis.dtype != torch.complex64 or cis.dim() != 2 or cis.shape[0] != x.shape[0]:
+        raise ValueError(f"rope: cis must be complex64 [{x.shape[0]}, rd/2], got {cis.dtype} {tuple(cis.shape)}")
+    d, rd = x.shape[-1], 2 * cis.shape[-1]
+    if rd > d:
+        raise ValueError(f"rope: {rd} rope channels exceed the row width {d}")
+    x = x.contiguous()
+    pairs = torch.view_as_real(cis.contiguous())  # [N, rd/2, 2] = (cos, sin)
+    out = torch.empty_like(x)
+    inner = x.numel() // (x.shape[0] * d) if x.numel() else 0
+    _lib().dsv4_rope(x.shape[0], inner, d, rd, x.data_ptr(), pairs.data_ptr(), int(inverse), out.data_ptr())
+    return out
+
+
+def compress_entries(
+    rows: torch.Tensor,
+    slots: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    ape: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    cis: torch.Tensor,
+    overlap: bool,
+) -> torch.Tensor:
+    """:func:`dsv4.attention.ops.compress_entries` (without ``finish``) of the rows ``rows[slots]``
+    read in place: ``rows [S, 2·coff·c]`` storage, ``slots, valid [E, coff·m]``, ``cis [E, rd/2]``
+    (complex64, each block's rotation). Returns the entries ``[E, c]``."""
+    for name, t in (("rows", rows), ("ape", ape), ("norm_weight", norm_weight)):
+        _check(name, t)
+    m, width = ape.shape
+    coff = 2 if overlap else 1
+    c = width // coff
+    e = slots.shape[0]
+    if rows.dim() != 2 or rows.shape[1] != 2 * width or not rows.is_contiguous():
+        raise ValueError(f"compress_entries: rows must be contiguous [S, {2 * width}], got {tuple(rows.shape)}")
+    if slots.shape != (e, coff * m) or valid.shape != slots.shape or norm_weight.shape != (c,):
+        raise ValueError(f"compress_entries: slots {tuple(slots.shape)}, valid {tuple(valid.shape)}, norm "
+                         f"{tuple(norm_weight.shape)} do not fit ratio {m} and {c} channels")
+    if cis.dtype != torch.complex64 or cis.shape[0] != e or 2 * cis.shape[-1] > c:
+        raise ValueError(f"compress_entries: cis must be complex64 [{e}, rd/2], got {cis.dtype} {tuple(cis.shape)}")
+    out = rows.new_empty(e, c)
+    if e == 0:
+        return out
+    slots = slots.to(torch.int64).contiguous()
+    valid = valid.to(torch.uint8).contiguous()
+    pairs = torch.view_as_real(cis.contiguous())
+    ape, norm_weight = ape.contiguous(), norm_weight.contiguous()
+    _lib().dsv4_compress(e, m, c, int(overlap), rows.data_ptr(), slots.data_ptr(), valid.data_ptr(), ape.data_ptr(),
+                         norm_weight.data_ptr(), float(eps), pairs.data_ptr(), 2 * cis.shape[-1], out.data_ptr())
     return out
