@@ -75,7 +75,11 @@ class ForwardBatch:
         if rids is not None and len(rids) != len(ext):
             raise ValueError(f"{len(rids)} request ids for {len(ext)} requests")
         dev = torch.device(device)
-        ids = torch.cat([torch.as_tensor(t, dtype=torch.long).reshape(-1) for t in new_tokens]).to(dev)
+        if all(isinstance(t, torch.Tensor) for t in new_tokens):
+            ids = torch.cat([t.to(torch.long).reshape(-1) for t in new_tokens]).to(dev)
+        else:  # token-id lists (the engine's steps): one tensor, not one per request
+            flat = [i for t in new_tokens for i in (t.reshape(-1).tolist() if isinstance(t, torch.Tensor) else t)]
+            ids = torch.tensor(flat, dtype=torch.long, device=dev)
         ext_t = torch.tensor(ext, dtype=torch.long, device=dev)
         pre_t = torch.tensor(pre, dtype=torch.long, device=dev)
         starts = torch.cumsum(ext_t, 0) - ext_t
