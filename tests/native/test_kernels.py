@@ -341,3 +341,19 @@ def test_compress_entries_matches_pytorch(overlap: bool) -> None:
         got = kernels.compress_entries(rows, slots, valid, ape=ape, norm_weight=norm, eps=1e-6,
                                        cis=rope_cis(positions, inv_freq), overlap=overlap)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_upgrades_a_passed_models_builtin_plugins_only_under_auto() -> None:
+    from dsv4 import Engine
+
+    cfg = ModelConfig.tiny()
+    model = random_model(cfg, seed=0)
+    assert (model.attn_backend.name, model.expert_executor.name) == ("reference", "reference")
+    Engine(model)
+    assert (model.attn_backend.name, model.expert_executor.name) == ("cpu", "cpu")
+    kept = random_model(cfg, seed=0)
+    Engine(kept, attention_backend="reference", expert_executor="reference")
+    assert (kept.attn_backend.name, kept.expert_executor.name) == ("reference", "reference")
+    exact = random_model(cfg, seed=0)
+    Engine(exact, batch_invariant=True)
+    assert (exact.attn_backend.name, exact.expert_executor.name) == ("reference", "reference")

@@ -47,7 +47,8 @@ class EngineConfig(RunConfigModel):
     device: str = "cpu"
     # Plugin names (see `dsv4 plugins`). "auto": the native-kernel "cpu" plugins where they apply
     # (CPU, native_kernels, not batch_invariant), else the "reference" backend and, for experts,
-    # "grouped" (batched small steps) or "reference" in batch-invariant mode.
+    # "grouped" (batched small steps) or "reference" in batch-invariant mode. A model passed in keeps
+    # its plugins, except that under "auto" built-in PyTorch ones are swapped for the "cpu" ones.
     attention_backend: str = "auto"
     expert_executor: str = "auto"
     kv_pool: str = "paged"
@@ -128,6 +129,8 @@ class Engine:
             self.model.pack_weights()
         if config.native_kernels and not config.batch_invariant and on_cpu:
             self.model.use_native_kernels()
+            if isinstance(model, Transformer):
+                self._adopt_native_plugins()
         self.pool = self._build_pool()
         registry = get_registry()
         options_map = config.model_dump()
@@ -144,6 +147,21 @@ class Engine:
         self._arrivals = itertools.count()
         self._request_ids = itertools.count()
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0}
+
+    def _adopt_native_plugins(self) -> None:
+        """For a model passed in (e.g. an RL rollout copy) under ``"auto"``: swap its built-in
+        PyTorch attention backend / expert executor for the native-kernel ``cpu`` ones when they
+        serve it. (Third-party plugins the model was built with are kept.)"""
+        registry = get_registry()
+        cfg, device = self.model.config, self.model.head.weight.device
+        wanted = (("attention_backend", "attn_backend", ("reference",)),
+                  ("expert_executor", "expert_executor", ("reference", "grouped")))
+        for kind, attr, replaceable in wanted:
+            if getattr(self.config, kind) != "auto" or getattr(self.model, attr).name not in replaceable:
+                continue
+            cls = registry.get(kind, "cpu")
+            if cls.refuse(cfg, device) is None:
+                setattr(self.model, attr, cls(cfg, device))
 
     # ------------------------------------------------------------------------------------------
     def _load_tokenizer(self, tokenizer: Tokenizer | str | os.PathLike[str] | None) -> Tokenizer | None:
