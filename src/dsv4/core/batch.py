@@ -75,8 +75,9 @@ class ForwardBatch:
         if rids is not None and len(rids) != len(ext):
             raise ValueError(f"{len(rids)} request ids for {len(ext)} requests")
         dev = torch.device(device)
-        if all(isinstance(t, torch.Tensor) for t in new_tokens):
-            ids = torch.cat([t.to(torch.long).reshape(-1) for t in new_tokens]).to(dev)
+        tensors = [t for t in new_tokens if isinstance(t, torch.Tensor)]
+        if len(tensors) == len(new_tokens):
+            ids = torch.cat([t.to(torch.long).reshape(-1) for t in tensors]).to(dev)
         else:  # token-id lists (the engine's steps): one tensor, not one per request
             flat = [i for t in new_tokens for i in (t.reshape(-1).tolist() if isinstance(t, torch.Tensor) else t)]
             ids = torch.tensor(flat, dtype=torch.long, device=dev)
