@@ -357,3 +357,31 @@ def test_engine_upgrades_a_passed_models_builtin_plugins_only_under_auto() -> No
     exact = random_model(cfg, seed=0)
     Engine(exact, batch_invariant=True)
     assert (exact.attn_backend.name, exact.expert_executor.name) == ("reference", "reference")
+
+
+@pytest.mark.parametrize("score_func", ["sqrtsoftplus", "sigmoid", "softmax"])
+@pytest.mark.parametrize("hashed", [False, True])
+def test_moe_gate_matches_pytorch(score_func: str, hashed: bool) -> None:
+    from dsv4.model.moe import Gate
+
+    cfg = ModelConfig.tiny(scoring_func=score_func, n_routed_experts=8, num_experts_per_tok=3)
+    gate = Gate(cfg, hashed=hashed)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        gate.weight.normal_(0, 0.5, generator=g)
+        if gate.bias is not None:
+            gate.bias.normal_(0, 0.3, generator=g)
+        else:
+            gate.tid2eid.copy_(torch.rand(cfg.vocab_size, 8, generator=g).argsort(dim=-1)[:, :3])
+    x = torch.randn(20, cfg.hidden_size, generator=g) * 4  # large logits: softplus' linear branch too
+    ids = torch.randint(0, cfg.vocab_size, (20,), generator=g)
+    replay = torch.full((20, 3), -1, dtype=torch.long)
+    replay[::3] = torch.tensor([7, 0, 5])
+    for imposed in (None, replay):
+        with torch.no_grad():
+            want_w, want_i = gate(x, ids, imposed)
+            gate.native = True
+            got_w, got_i = gate(x, ids, imposed)
+            gate.native = False
+        assert torch.equal(got_i, want_i)
+        torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)

@@ -11,6 +11,7 @@ from dsv4.core.interfaces import ExpertExecutor, RoutingTrace
 from dsv4.model.fused import FusedProjection
 from dsv4.core.numerics import pointwise, rowwise_linear
 from dsv4.model.linear import Linear
+from dsv4.native import kernels
 
 __all__ = ["Expert", "Gate", "MoE", "swiglu"]
 
@@ -51,6 +52,7 @@ class Gate(nn.Module):
         self.hashed = hashed
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         self.invariant = False
+        self.native = False  # fused CPU kernel for inference (Transformer.use_native_kernels)
         # Buffers, not parameters: the bias is updated from expert load, the table is frozen.
         self.bias: torch.Tensor | None
         self.tid2eid: torch.Tensor | None
@@ -66,6 +68,11 @@ class Gate(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert weights and ids ``[T, k]`` for tokens ``x [T, D]``; ``replay`` imposes the ids of rows
         whose first id is not -1 (routing replay), the weights still come from this forward's scores."""
+        if self.native and not self.invariant and x.dim() == 2 and kernels.supports(x, self.weight):
+            imposed = None if self.tid2eid is None else self.tid2eid[input_ids].long()
+            if replay is not None:
+                imposed = replay if imposed is None else torch.where(replay[:, :1] >= 0, replay, imposed)
+            return kernels.moe_gate(x, self.weight, self.bias, self.score_func, self.top_k, self.route_scale, imposed)
         logits = rowwise_linear(x.float(), self.weight.float(), self.invariant)
         if self.score_func == "sqrtsoftplus":
             scores = torch.sqrt(pointwise(F.softplus, logits, self.invariant))

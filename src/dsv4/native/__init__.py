@@ -162,7 +162,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsv4_hc_post.restype = None
     lib.dsv4_rms_norm.argtypes = [i64, i64, ptr, i64, ptr, f32, ptr]
     lib.dsv4_rms_norm.restype = None
-    lib.dsv4_moe_experts.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, f32, ptr, ptr]
+    lib.dsv4_moe_experts.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, f32, ptr]
+    lib.dsv4_moe_gate.argtypes = [i64, i64, i64, ptr, ptr, ptr, ctypes.c_int32, i64, ptr, f32, ptr, ptr]
+    lib.dsv4_moe_gate.restype = None
     lib.dsv4_moe_experts.restype = None
     lib.dsv4_rope.argtypes = [i64, i64, i64, i64, ptr, ptr, ctypes.c_int32, ptr]
     lib.dsv4_rope.restype = None

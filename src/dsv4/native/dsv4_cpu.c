@@ -328,13 +328,30 @@ static void gemm(int M, const float* A, int64_t lda, const float* B, int64_t K, 
     }
 }
 
-/* out[t] = sum_j weights[a] * expert_{e(a)}(x[t]) over token t's k assignments a = inv[t*k + j], in
- * j order (so the result does not depend on how threads share the work). Assignments are sorted by
- * expert: those of expert e are offsets[e] .. offsets[e+1]-1, of tokens[a]. limit > 0 clamps the
- * SwiGLU (gate <= limit, |up| <= limit). x [T, D], out [T, D] contiguous; scratch [A, D]. */
+/* out[t] = sum_j weights[t, j] * expert_{idx[t, j]}(x[t]), the k experts of token t summed in j
+ * order (so the result does not depend on how threads share the work). idx/weights [T, k], all ids
+ * in [0, E). limit > 0 clamps the SwiGLU (gate <= limit, |up| <= limit). x, out [T, D] contiguous. */
 void dsv4_moe_experts(int64_t T, int64_t D, int64_t I, const float* x, int64_t E, const float* gate_up,
-                      const float* down, const int64_t* offsets, const int64_t* tokens, const float* weights,
-                      const int64_t* inv, int64_t k, float limit, float* scratch, float* out) {
+                      const float* down, const int64_t* idx, const float* weights, int64_t k, float limit,
+                      float* out) {
+    const int64_t A = T * k;
+    /* Counting sort of the assignments by expert (stable: token order within an expert). */
+    int64_t* offsets = (int64_t*)calloc((size_t)(E + 1), sizeof(int64_t));
+    int64_t* order = (int64_t*)malloc(sizeof(int64_t) * (size_t)(A + 1)); /* sorted position -> t*k+j */
+    int64_t* inv = (int64_t*)malloc(sizeof(int64_t) * (size_t)(A + 1));   /* t*k+j -> sorted position */
+    float* scratch = (float*)malloc(sizeof(float) * (size_t)(A * D + 1));
+    for (int64_t a = 0; a < A; a++) offsets[idx[a] + 1]++;
+    for (int64_t e = 0; e < E; e++) offsets[e + 1] += offsets[e];
+    {
+        int64_t* fill = (int64_t*)malloc(sizeof(int64_t) * (size_t)(E + 1));
+        memcpy(fill, offsets, sizeof(int64_t) * (size_t)(E + 1));
+        for (int64_t a = 0; a < A; a++) {
+            const int64_t pos = fill[idx[a]]++;
+            order[pos] = a;
+            inv[a] = pos;
+        }
+        free(fill);
+    }
     int64_t n_items = 0;
     for (int64_t e = 0; e < E; e++) n_items += (offsets[e + 1] - offsets[e] + 15) / 16;
     int64_t* items = (int64_t*)malloc(sizeof(int64_t) * 2 * (size_t)(n_items + 1));
@@ -354,12 +371,13 @@ void dsv4_moe_experts(int64_t T, int64_t D, int64_t I, const float* x, int64_t E
         for (int64_t it = 0; it < n_items; it++) {
             const int64_t e = items[2 * it], a0 = items[2 * it + 1];
             const int64_t rows = offsets[e + 1] - a0 < 16 ? offsets[e + 1] - a0 : 16;
-            for (int64_t m = 0; m < rows; m++) memcpy(xb + m * D, x + tokens[a0 + m] * D, sizeof(float) * (size_t)D);
+            for (int64_t m = 0; m < rows; m++)
+                memcpy(xb + m * D, x + (order[a0 + m] / k) * D, sizeof(float) * (size_t)D);
             gemm((int)rows, xb, D, gate_up + e * 2 * I * D, D, 2 * I, h, 2 * I);
             for (int64_t m = 0; m < rows; m++) {
                 const float* g = h + m * 2 * I;
                 const float* u = g + I;
-                const float w = weights[a0 + m];
+                const float w = weights[order[a0 + m]];
                 float* o = act + m * I;
 #pragma omp simd
                 for (int64_t j = 0; j < I; j++) {
@@ -379,8 +397,7 @@ void dsv4_moe_experts(int64_t T, int64_t D, int64_t I, const float* x, int64_t E
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
             float* o = out + t * D;
-            const float* first = scratch + inv[t * k] * D;
-            memcpy(o, first, sizeof(float) * (size_t)D);
+            memcpy(o, scratch + inv[t * k] * D, sizeof(float) * (size_t)D);
             for (int64_t j = 1; j < k; j++) {
                 const float* yj = scratch + inv[t * k + j] * D;
 #pragma omp simd
@@ -389,6 +406,60 @@ void dsv4_moe_experts(int64_t T, int64_t D, int64_t I, const float* x, int64_t E
         }
     }
     free(items);
+    free(offsets);
+    free(order);
+    free(inv);
+    free(scratch);
+}
+
+/* The MoE router (spec §6) for T tokens: logits = x W^T (W [E, D]); scores = softmax (func 0),
+ * sigmoid (1) or sqrt(softplus) (2) of them; each token's k experts are idx_in's row where given
+ * (hash layers, routing replay: rows whose first id is >= 0), else the top k of scores + bias (ties:
+ * lower id first); weights are their scores, renormalised unless softmax, times scale. */
+void dsv4_moe_gate(int64_t T, int64_t D, int64_t E, const float* x, const float* W, const float* bias, int32_t func,
+                   int64_t k, const int64_t* idx_in, float scale, int64_t* idx_out, float* w_out) {
+#pragma omp parallel for schedule(static) if (T * E * D >= 262144)
+    for (int64_t t = 0; t < T; t++) {
+        const float* xt = x + t * D;
+        float* sc = (float*)malloc(sizeof(float) * (size_t)(2 * E));
+        float* sel = sc + E;
+        float mx = -INFINITY;
+        for (int64_t e = 0; e < E; e++) {
+            const float* we = W + e * D;
+            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t i = 0; i < D; i++) acc += xt[i] * we[i];
+            sc[e] = acc;
+            mx = acc > mx ? acc : mx;
+        }
+        if (func == 0) {
+            float sum = 0.f;
+            for (int64_t e = 0; e < E; e++) sum += (sc[e] = expf(sc[e] - mx));
+            for (int64_t e = 0; e < E; e++) sc[e] /= sum;
+        } else if (func == 1) {
+            for (int64_t e = 0; e < E; e++) sc[e] = 1.0f / (1.0f + expf(-sc[e]));
+        } else {
+            for (int64_t e = 0; e < E; e++) sc[e] = sqrtf(sc[e] > 20.f ? sc[e] : log1pf(expf(sc[e])));
+        }
+        int64_t* it = idx_out + t * k;
+        if (idx_in != NULL && idx_in[t * k] >= 0) {
+            for (int64_t j = 0; j < k; j++) it[j] = idx_in[t * k + j];
+        } else {
+            for (int64_t e = 0; e < E; e++) sel[e] = sc[e] + (bias != NULL ? bias[e] : 0.f);
+            for (int64_t j = 0; j < k; j++) {
+                int64_t best = -1;
+                for (int64_t e = 0; e < E; e++)
+                    if (best < 0 || sel[e] > sel[best]) best = e;
+                it[j] = best;
+                sel[best] = -INFINITY;
+            }
+        }
+        float sum = 0.f;
+        for (int64_t j = 0; j < k; j++) sum += (w_out[t * k + j] = sc[it[j]]);
+        const float norm = func == 0 ? scale : scale / sum;
+        for (int64_t j = 0; j < k; j++) w_out[t * k + j] *= norm;
+        free(sc);
+    }
 }
 
 /* ---------------------------------------------------------------------------------------------

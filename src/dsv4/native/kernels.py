@@ -13,7 +13,7 @@ import torch
 
 from dsv4.native import library
 
-__all__ = ["compress_entries", "hc_post", "hc_pre", "moe_experts", "pack_panels", "rms_norm", "rope", "sink_attention", "supports"]
+__all__ = ["compress_entries", "hc_post", "hc_pre", "moe_experts", "moe_gate", "pack_panels", "rms_norm", "rope", "sink_attention", "supports"]
 
 _MAX_STREAMS = 16  # mHC streams n (stack arrays in the kernel)
 
@@ -188,26 +188,56 @@ def moe_experts(
     k = idx.shape[1]
     if tokens_n == 0 or k == 0:
         return torch.zeros_like(x)
+    idx = idx.to(torch.int64).contiguous()
     if int(idx.min()) < 0 or int(idx.max()) >= e:
         raise ValueError(f"moe_experts: expert ids must be in [0, {e}), got {int(idx.min())}..{int(idx.max())}")
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=e)
-    offsets = torch.zeros(e + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    tokens = (order // k).contiguous()
-    sorted_w = weights.reshape(-1)[order].contiguous()
-    inv = torch.empty_like(order)
-    inv[order] = torch.arange(order.numel())
-    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
-    scratch = x.new_empty(order.numel(), d)
+    x, gate_up, down, weights = x.contiguous(), gate_up.contiguous(), down.contiguous(), weights.contiguous()
     out = torch.empty_like(x)
-    _lib().dsv4_moe_experts(
-        tokens_n, d, inter, x.data_ptr(), e, gate_up.data_ptr(), down.data_ptr(),
-        offsets.data_ptr(), tokens.data_ptr(), sorted_w.data_ptr(), inv.data_ptr(), k, float(limit),
-        scratch.data_ptr(), out.data_ptr(),
-    )
+    _lib().dsv4_moe_experts(tokens_n, d, inter, x.data_ptr(), e, gate_up.data_ptr(), down.data_ptr(), idx.data_ptr(),
+                            weights.data_ptr(), k, float(limit), out.data_ptr())
     return out
+
+
+_SCORE_FUNCS = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
+
+
+def moe_gate(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    score_func: str,
+    top_k: int,
+    route_scale: float,
+    imposed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:class:`dsv4.model.moe.Gate`'s routing: ``(weights [T, k], idx [T, k])`` for ``x [T, D]`` and the
+    router ``weight [E, D]``. ``imposed [T, k]`` gives the ids of rows whose first id is not -1 (hash
+    layers, routing replay); the others take the top k of ``scores + bias``."""
+    _check("x", x)
+    _check("weight", weight)
+    if score_func not in _SCORE_FUNCS:
+        raise ValueError(f"moe_gate: unknown score function {score_func!r}")
+    t, d = x.shape
+    e = weight.shape[0]
+    if weight.shape != (e, d) or not 1 <= top_k <= e:
+        raise ValueError(f"moe_gate: weight {tuple(weight.shape)} and top_k {top_k} do not fit x {tuple(x.shape)}")
+    if bias is not None:
+        _check("bias", bias)
+        bias = bias.contiguous()
+    if imposed is not None:
+        if imposed.shape != (t, top_k):
+            raise ValueError(f"moe_gate: imposed ids {tuple(imposed.shape)} must be [{t}, {top_k}]")
+        imposed = imposed.to(torch.int64).contiguous()
+        chosen = imposed[imposed[:, 0] >= 0]
+        if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= e):
+            raise ValueError(f"moe_gate: imposed expert ids must be in [0, {e})")
+    x, weight = x.contiguous(), weight.contiguous()
+    idx = torch.empty(t, top_k, dtype=torch.int64)
+    w = torch.empty(t, top_k, dtype=torch.float32)
+    _lib().dsv4_moe_gate(t, d, e, x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                         _SCORE_FUNCS[score_func], top_k, None if imposed is None else imposed.data_ptr(),
+                         float(route_scale), idx.data_ptr(), w.data_ptr())
+    return w, idx
 
 
 def rope(x: torch.Tensor, cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
