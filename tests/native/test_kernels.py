@@ -97,7 +97,7 @@ def _mhc_inputs(t: int, n: int, d: int, seed: int, expanded: bool):  # type: ign
 @pytest.mark.parametrize("n", [1, 2, 4, 5])
 @pytest.mark.parametrize("expanded", [False, True])
 def test_hc_pre_post_match_pytorch(n: int, expanded: bool) -> None:
-    h, fn, base, scale = _mhc_inputs(7, n, 48, n, expanded)
+    h, fn, base, scale = _mhc_inputs(7, n, 48, n, expanded)  # D = 48: three 16-wide vectors
     kw = dict(rms_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=20)
     f = torch.randn(7, 48)
     with torch.no_grad():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dsv4.core.numerics import pointwise, rowwise_linear
 from dsv4.native import kernels
@@ -32,13 +31,12 @@ def hc_pre(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Collapse streams ``h [T, n, D]`` into the sublayer input; also return ``post [T, n]``, ``comb [T, n, n]``.
 
-    ``native`` lets inference (no autograd, not ``invariant``) run everything after the mixing
-    product in one fused CPU kernel (:mod:`dsv4.native`) when it applies.
+    ``native`` lets inference (no autograd, not ``invariant``) run it all in one fused CPU kernel
+    (:mod:`dsv4.native`) when it applies.
     """
     n = h.shape[-2]
-    if native and not invariant and kernels.supports(h, fn, base, scale):
-        mix = F.linear(h.reshape(h.shape[0], -1), fn)
-        return kernels.hc_pre(h, mix, base, scale, rms_eps=rms_eps, hc_eps=hc_eps, sinkhorn_iters=sinkhorn_iters)
+    if native and not invariant and h.shape[-1] % 16 == 0 and n <= 16 and kernels.supports(h, fn, base, scale):
+        return kernels.hc_pre(h, fn, base, scale, rms_eps=rms_eps, hc_eps=hc_eps, sinkhorn_iters=sinkhorn_iters)
     m = hc_mix(h, fn, rms_eps, invariant)
     base = base.float()
     pre = pointwise(torch.sigmoid, m[:, :n] * scale[0] + base[:n], invariant) + hc_eps

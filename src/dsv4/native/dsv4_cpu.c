@@ -164,16 +164,31 @@ void dsv4_sink_attention(int64_t T, int64_t H, int64_t D, const float* q, float 
 
 static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-/* The part of hc_pre after the mixing product: mix [T, (2+n)n] holds flatten(h_t) . fn_i (not yet
- * RMS-scaled). Writes the sublayer input x [T, D], post [T, n] and the Sinkhorn-normalised comb
- * [T, n, n] (comb[a][b]: row a, column b, as the PyTorch path's [T, n, n]). n <= 16. */
-void dsv4_hc_pre(int64_t T, int64_t n, int64_t D, const float* h, int64_t st_t, int64_t st_n, const float* mix,
+/* hc_pre: the mixing product mix_i = flatten(h_t) . fn_i (fn [(2+n)n, n*D]), its RMS scaling, then
+ * the sublayer input x [T, D], post [T, n] and the Sinkhorn-normalised comb [T, n, n] (comb[a][b]:
+ * row a, column b, as the PyTorch path's [T, n, n]). n <= 16; D a multiple of 16. */
+void dsv4_hc_pre(int64_t T, int64_t n, int64_t D, const float* h, int64_t st_t, int64_t st_n, const float* fn,
                  const float* base, const float* scale, float rms_eps, float hc_eps, int64_t iters, float* x,
                  float* post, float* comb) {
-    const int64_t R = (2 + n) * n;
+    const int64_t R = (2 + n) * n, C = D / 16;
+    float* zero = (float*)calloc((size_t)(n * D), sizeof(float)); /* stands in for rows past R */
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < T; t++) {
         const float* ht = h + t * st_t;
+        float m[16 * 18];
+        for (int64_t r0 = 0; r0 < R; r0 += 8) { /* 8 mixing rows at a time, sums by hsum8 */
+            const float* f[8];
+            for (int i = 0; i < 8; i++) f[i] = r0 + i < R ? fn + (r0 + i) * n * D : zero;
+            v16 acc[8];
+            for (int i = 0; i < 8; i++) acc[i] = splat(0.f);
+            for (int64_t j = 0; j < n; j++)
+                for (int64_t c = 0; c < C; c++) {
+                    const v16 hv = ld(ht + j * st_n + 16 * c);
+                    for (int i = 0; i < 8; i++) acc[i] += ld(f[i] + j * D + 16 * c) * hv;
+                }
+            const v16 sums = hsum8(acc);
+            for (int i = 0; i < 8 && r0 + i < R; i++) m[r0 + i] = sums[i];
+        }
         float ss = 0.f;
         for (int64_t j = 0; j < n; j++) {
             const float* hj = ht + j * st_n;
@@ -181,7 +196,6 @@ void dsv4_hc_pre(int64_t T, int64_t n, int64_t D, const float* h, int64_t st_t, 
             for (int64_t k = 0; k < D; k++) ss += hj[k] * hj[k];
         }
         const float r = 1.0f / sqrtf(ss / (float)(n * D) + rms_eps);
-        const float* m = mix + t * R;
         float pre[16], c[16 * 16];
         for (int64_t j = 0; j < n; j++) {
             pre[j] = sigmoidf(m[j] * r * scale[0] + base[j]) + hc_eps;
@@ -225,6 +239,7 @@ void dsv4_hc_pre(int64_t T, int64_t n, int64_t D, const float* h, int64_t st_t, 
             for (int64_t k = 0; k < D; k++) xt[k] += pj * hj[k];
         }
     }
+    free(zero);
 }
 
 /* New streams out[t, k] = post[t, k] f[t] + sum_j comb[t, j, k] h[t, j]; f [T, D] and out [T, n, D]

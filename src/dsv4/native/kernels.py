@@ -92,7 +92,7 @@ def sink_attention(
 
 def hc_pre(
     h: torch.Tensor,
-    mix: torch.Tensor,
+    fn: torch.Tensor,
     base: torch.Tensor,
     scale: torch.Tensor,
     *,
@@ -100,22 +100,24 @@ def hc_pre(
     hc_eps: float,
     sinkhorn_iters: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`dsv4.model.mhc.hc_pre` after its mixing product: ``mix [T, (2+n)n] = flatten(h) @ fn^T``
-    (not yet RMS-scaled). Returns ``x [T, D]``, ``post [T, n]``, ``comb [T, n, n]``."""
+    """:func:`dsv4.model.mhc.hc_pre` in one pass: the mixing product ``flatten(h) @ fn^T`` and its RMS
+    scaling, pre/post/comb (Sinkhorn) and the collapse. ``h [T, n, D]`` (D a multiple of 16), ``fn
+    [(2+n)n, n·D]``. Returns ``x [T, D]``, ``post [T, n]``, ``comb [T, n, n]``."""
     h = _streams(h)
     t, n, d = h.shape
     _check("h", h)
-    for name, x in (("mix", mix), ("base", base), ("scale", scale)):
+    for name, x in (("fn", fn), ("base", base), ("scale", scale)):
         _check(name, x)
-    if mix.shape != (t, (2 + n) * n) or base.shape != ((2 + n) * n,) or scale.numel() != 3:
-        raise ValueError(f"hc_pre: mix {tuple(mix.shape)}, base {tuple(base.shape)}, scale {tuple(scale.shape)} "
-                         f"do not fit {n} streams of {t} tokens")
-    mix, base, scale = mix.contiguous(), base.contiguous(), scale.contiguous()
+    rows = (2 + n) * n
+    if d % 16 or fn.shape != (rows, n * d) or base.shape != (rows,) or scale.numel() != 3:
+        raise ValueError(f"hc_pre: fn {tuple(fn.shape)}, base {tuple(base.shape)}, scale {tuple(scale.shape)} "
+                         f"do not fit {n} streams of width {d} (a multiple of 16)")
+    fn, base, scale = fn.contiguous(), base.contiguous(), scale.contiguous()
     x = h.new_empty(t, d)
     post = h.new_empty(t, n)
     comb = h.new_empty(t, n, n)
     _lib().dsv4_hc_pre(
-        t, n, d, h.data_ptr(), h.stride(0), h.stride(1), mix.data_ptr(), base.data_ptr(), scale.data_ptr(),
+        t, n, d, h.data_ptr(), h.stride(0), h.stride(1), fn.data_ptr(), base.data_ptr(), scale.data_ptr(),
         float(rms_eps), float(hc_eps), int(sinkhorn_iters), x.data_ptr(), post.data_ptr(), comb.data_ptr(),
     )
     return x, post, comb
