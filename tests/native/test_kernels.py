@@ -385,3 +385,21 @@ def test_moe_gate_matches_pytorch(score_func: str, hashed: bool) -> None:
             gate.native = False
         assert torch.equal(got_i, want_i)
         torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+
+
+def test_index_scores_match_pytorch() -> None:
+    g = torch.Generator().manual_seed(3)
+    t, nh, c, n = 6, 5, 32, 11  # 5 heads: a padded head block
+    q = torch.randn(t, nh, c, generator=g)
+    w = torch.randn(t, nh, generator=g)
+    store = torch.randn(40, c, generator=g)
+    slots = torch.randint(0, 40, (t, n), generator=g)
+    valid = torch.rand(t, n, generator=g) > 0.3
+    slots[~valid] = 10**9  # never read
+    with torch.no_grad():
+        got = kernels.index_scores(q, w, store, slots, valid)
+        keys = store[slots.masked_fill(~valid, 0)]
+        scale = c**-0.5
+        want = (torch.relu(torch.bmm(q, keys.transpose(1, 2))) * scale * w.unsqueeze(-1)).sum(1)
+        want = want.masked_fill(~valid, float("-inf"))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import torch
 
+from dsv4.attention import ops
 from dsv4.attention.reference import ReferenceAttentionBackend, _RatioPlan
 from dsv4.attention.rope import rope_cis
 from dsv4.core.config import ModelConfig
@@ -71,3 +72,27 @@ class CpuAttentionBackend(ReferenceAttentionBackend):
             rows, slots, rp.emit_valid, ape=compressor.ape, norm_weight=compressor.norm.weight,
             eps=compressor.norm.eps, cis=cis, overlap=compressor.overlap,
         )
+
+    def _indexer_topk(
+        self,
+        q: torch.Tensor,
+        weights: torch.Tensor,
+        keys: torch.Tensor,
+        rows: torch.Tensor,
+        valid: torch.Tensor,
+        topk: int,
+        replay: torch.Tensor | None,
+        training_objective: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if (
+            training_objective
+            or self.invariant_context is not None
+            or keys.dim() != 2
+            or keys.shape[0] == 0
+            or keys.shape[1] % 16
+            or not keys.is_contiguous()
+            or not kernels.supports(q, weights, keys)
+        ):
+            return super()._indexer_topk(q, weights, keys, rows, valid, topk, replay, training_objective)
+        index = kernels.index_scores(q, weights.float(), keys, rows, valid)
+        return ops.select_topk(index, valid, topk, replay)

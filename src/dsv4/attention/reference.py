@@ -254,12 +254,11 @@ class ReferenceAttentionBackend:
                 iq, iw = inputs.indexer.q, inputs.indexer.weights
                 if sel is not None:
                     iq, iw = iq[sel], iw[sel]
-                gathered = _gather_rows(keys, ivisible)
                 replay = None
                 if picks is not None and inputs.routing is not None and inputs.routing.replay:
                     replay = picks if sel is None else picks[sel]
-                top, top_valid, top_scores = ops.indexer_topk(
-                    iq, iw, gathered, rp.visible_valid, layer.index_topk, replay
+                top, top_valid, top_scores = self._indexer_topk(
+                    iq, iw, keys, ivisible, rp.visible_valid, layer.index_topk, replay, inputs.aux is not None
                 )
                 _record(inputs, picks, sel, top, top_valid)
                 visible = visible.gather(1, top)
@@ -277,6 +276,22 @@ class ReferenceAttentionBackend:
         if inputs.aux is not None and kl_args is not None:
             inputs.aux.setdefault("indexer_kl", []).append(ops.indexer_kl(probs[..., w:], *kl_args))
         return out
+
+    def _indexer_topk(
+        self,
+        q: torch.Tensor,
+        weights: torch.Tensor,
+        keys: torch.Tensor,
+        rows: torch.Tensor,
+        valid: torch.Tensor,
+        topk: int,
+        replay: torch.Tensor | None,
+        training_objective: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`ops.indexer_topk` over the keys ``keys[rows]`` (``training_objective``: the indexer's
+        loss is being computed, so its scores need their graph). Backends with kernels that read the
+        storage in place override this."""
+        return ops.indexer_topk(q, weights, _gather_rows(keys, rows), valid, topk, replay)
 
     def _attend_inference(
         self,

@@ -170,3 +170,5 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsv4_rope.restype = None
     lib.dsv4_compress.argtypes = [i64, i64, i64, ctypes.c_int32, ptr, ptr, ptr, ptr, ptr, f32, ptr, i64, ptr]
     lib.dsv4_compress.restype = None
+    lib.dsv4_index_scores.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, f32, ptr]
+    lib.dsv4_index_scores.restype = None

@@ -565,3 +565,44 @@ void dsv4_compress(int64_t E, int64_t m, int64_t c, int32_t overlap, const float
         free(mx);
     }
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * Lightning-indexer scores (spec §5.2) over keys read in place: out[t, s] = scale * sum_h
+ * w[t, h] * relu(q[t, h] . store[slots[t, s]]) where valid[t, s], else -inf. q [T, nh, c] and
+ * w [T, nh] contiguous; c a multiple of 16.
+ */
+void dsv4_index_scores(int64_t T, int64_t nh, int64_t c, const float* q, const float* w, const float* store,
+                       const int64_t* slots, const uint8_t* valid, int64_t N, float scale, float* out) {
+    const int64_t C = c / 16, Hp = (nh + 7) / 8 * 8;
+#pragma omp parallel
+    {
+        float* qpad = (float*)calloc((size_t)(Hp * c), sizeof(float));
+        float* wpad = (float*)calloc((size_t)Hp, sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            memcpy(qpad, q + t * nh * c, sizeof(float) * (size_t)(nh * c));
+            memcpy(wpad, w + t * nh, sizeof(float) * (size_t)nh);
+            for (int64_t s = 0; s < N; s++) {
+                if (!valid[t * N + s]) {
+                    out[t * N + s] = -INFINITY;
+                    continue;
+                }
+                const float* key = store + slots[t * N + s] * c;
+                float total = 0.f;
+                for (int64_t h0 = 0; h0 < Hp; h0 += 8) {
+                    v16 acc[8];
+                    for (int h = 0; h < 8; h++) acc[h] = splat(0.f);
+                    for (int64_t k = 0; k < C; k++) {
+                        const v16 kv = ld(key + 16 * k);
+                        for (int h = 0; h < 8; h++) acc[h] += ld(qpad + (h0 + h) * c + 16 * k) * kv;
+                    }
+                    const v16 sums = hsum8(acc);
+                    for (int h = 0; h < 8; h++) total += wpad[h0 + h] * (sums[h] > 0.f ? sums[h] : 0.f);
+                }
+                out[t * N + s] = total * scale;
+            }
+        }
+        free(qpad);
+        free(wpad);
+    }
+}

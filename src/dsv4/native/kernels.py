@@ -13,7 +13,7 @@ import torch
 
 from dsv4.native import library
 
-__all__ = ["compress_entries", "hc_post", "hc_pre", "moe_experts", "moe_gate", "pack_panels", "rms_norm", "rope", "sink_attention", "supports"]
+__all__ = ["compress_entries", "hc_post", "hc_pre", "index_scores", "moe_experts", "moe_gate", "pack_panels", "rms_norm", "rope", "sink_attention", "supports"]
 
 _MAX_STREAMS = 16  # mHC streams n (stack arrays in the kernel)
 
@@ -295,4 +295,29 @@ def compress_entries(
     ape, norm_weight = ape.contiguous(), norm_weight.contiguous()
     _lib().dsv4_compress(e, m, c, int(overlap), rows.data_ptr(), slots.data_ptr(), valid.data_ptr(), ape.data_ptr(),
                          norm_weight.data_ptr(), float(eps), pairs.data_ptr(), 2 * cis.shape[-1], out.data_ptr())
+    return out
+
+
+def index_scores(
+    q: torch.Tensor, weights: torch.Tensor, store: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """The lightning indexer's scores ``[T, N]`` (:func:`dsv4.attention.ops.indexer_topk` before its
+    top-k) of ``q [T, nh, c]`` and head ``weights [T, nh]`` over keys ``store[slots[t, s]]`` read in
+    place (``-inf`` where not ``valid``); ``c`` a multiple of 16."""
+    for name, t in (("q", q), ("weights", weights), ("store", store)):
+        _check(name, t)
+    n_tok, nh, c = q.shape
+    if c % 16 or weights.shape != (n_tok, nh):
+        raise ValueError(f"index_scores: q {tuple(q.shape)} (width a multiple of 16) and weights "
+                         f"{tuple(weights.shape)} do not fit")
+    if store.dim() != 2 or store.shape[1] != c or not store.is_contiguous():
+        raise ValueError(f"index_scores: store must be a contiguous [S, {c}] tensor, got {tuple(store.shape)}")
+    if slots.dim() != 2 or slots.shape[0] != n_tok or valid.shape != slots.shape:
+        raise ValueError(f"index_scores: slots {tuple(slots.shape)} and valid {tuple(valid.shape)} must be [{n_tok}, N]")
+    q, weights = q.contiguous(), weights.contiguous()
+    slots = slots.to(torch.int64).contiguous()
+    valid = valid.to(torch.uint8).contiguous()
+    out = q.new_empty(n_tok, slots.shape[1])
+    _lib().dsv4_index_scores(n_tok, nh, c, q.data_ptr(), weights.data_ptr(), store.data_ptr(), slots.data_ptr(),
+                             valid.data_ptr(), slots.shape[1], c**-0.5, out.data_ptr())
     return out
