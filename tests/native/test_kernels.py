@@ -403,3 +403,22 @@ def test_index_scores_match_pytorch() -> None:
         want = (torch.relu(torch.bmm(q, keys.transpose(1, 2))) * scale * w.unsqueeze(-1)).sum(1)
         want = want.masked_fill(~valid, float("-inf"))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_slots_lookup_matches_the_page_tables() -> None:
+    g = torch.Generator().manual_seed(5)
+    table = torch.randint(1, 50, (4, 6), generator=g)
+    rows = torch.tensor([2, -1, 0, 3])  # request 1 has no pages
+    p = 16
+    logical = torch.randint(-3, 6 * p + 40, (4, 9), generator=g)  # negatives and pages past the table
+    req = torch.arange(4).unsqueeze(1)
+    got = kernels.slots(req, logical, rows, table, p)
+    assert got is not None
+    for t in range(4):
+        for j in range(9):
+            r, pos = int(rows[t]), int(logical[t, j])
+            page = int(table[r, pos // p]) if r >= 0 and 0 <= pos and pos // p < 6 else 0
+            assert int(got[t, j]) == page * p + (pos % p if pos >= 0 else 0)
+    flat = kernels.slots(torch.tensor([0, 7, -2]), torch.tensor([5, 5, 5]), rows, table, p)  # bad request ids
+    assert flat is not None and flat.tolist() == [int(table[2, 0]) * p + 5, 5, 5]
+    assert kernels.slots(torch.zeros(2, 3, dtype=torch.long), logical[:2, :3], rows, table, p) is None

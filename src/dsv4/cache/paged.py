@@ -11,10 +11,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from dsv4.core.config import ModelConfig
 from dsv4.core.kv import StreamSpec
+from dsv4.native import kernels
 
 __all__ = ["PagedKVPool", "PoolExhausted"]
 
@@ -53,11 +55,15 @@ class PagedKVPool:
         self._free = {name: list(range(n - 1, 0, -1)) for name, n in self.num_pages.items()}
         self._tables: dict[str, dict[int, list[int]]] = {name: {} for name in self.streams}
         self.device = torch.device(device)
-        # The same page tables as tensors (one row per live request, 0 = no page), kept in step with
-        # the lists so that slot lookups are a single indexing op per step and stream.
+        # The same page tables as arrays (one row per live request, 0 = no page), kept in step with the
+        # lists so that slot lookups are one kernel (or a few indexing ops) per step and stream. Kept
+        # in numpy, updated without torch dispatch; _pt are torch views of the same memory.
         self._rows: dict[int, int] = {}
         self._free_rows: list[int] = []
-        self._pt = {name: torch.zeros(8, 8, dtype=torch.long) for name in self.streams}
+        self._pt_np = {name: np.zeros((8, 8), dtype=np.int64) for name in self.streams}
+        self._pt = {name: torch.from_numpy(a) for name, a in self._pt_np.items()}
+        # Leading pages of each request already released (window recycling frees pages in order).
+        self._released: dict[str, dict[int, int]] = {name: {} for name in self.streams}
         self._rows_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     @classmethod
@@ -99,7 +105,7 @@ class PagedKVPool:
             first = len(table)
             table.extend(self._free[name].pop() for _ in range(extra))
             pt = self._grow(name, row + 1, len(table))
-            pt[row, first : len(table)] = torch.tensor(table[first:], dtype=torch.long)
+            pt[row, first : len(table)] = table[first:]
 
     def slots(self, stream: str, rids: Sequence[int], req: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
         """Physical rows of ``(rids[req], logical)``; rows outside a request's pages map to page 0."""
@@ -109,6 +115,10 @@ class PagedKVPool:
             self._rows_cache = (key, torch.tensor(rows, dtype=torch.long))
         rows_t = self._rows_cache[1]
         pt = self._pt[stream]
+        if logical.device.type == "cpu" and req.dtype == logical.dtype == torch.int64 and kernels.supports():
+            found = kernels.slots(req, logical, rows_t, pt, self.page_size)
+            if found is not None:
+                return found
         page = (logical // self.page_size).clamp(max=pt.shape[1] - 1)
         # A request without pages (row -1) reads the null page; so does one past its last page.
         table_rows = rows_t.to(logical.device)[req]
@@ -126,17 +136,21 @@ class PagedKVPool:
             if table is None:
                 continue
             row = self._rows[rid]
+            released = self._released[name]
             if num_tokens is None:
                 self._free[name].extend(p for p in reversed(table) if p != _FREED)
                 del self._tables[name][rid]
-                self._pt[name][row].zero_()
+                released.pop(rid, None)
+                self._pt_np[name][row] = 0
                 continue
-            whole_pages = spec.keep_from(num_tokens) // self.page_size
-            for k in range(min(whole_pages, len(table))):
+            whole_pages = min(spec.keep_from(num_tokens) // self.page_size, len(table))
+            for k in range(released.get(rid, 0), whole_pages):
                 if table[k] != _FREED:
                     self._free[name].append(table[k])
                     table[k] = _FREED
-                    self._pt[name][row, k] = 0
+                    self._pt_np[name][row, k] = 0
+            if whole_pages > released.get(rid, 0):
+                released[rid] = whole_pages
         if num_tokens is None and rid in self._rows:
             self._free_rows.append(self._rows.pop(rid))
             self._rows_cache = None
@@ -150,14 +164,13 @@ class PagedKVPool:
             self._rows_cache = None
         return self._rows[rid]
 
-    def _grow(self, stream: str, rows: int, cols: int) -> torch.Tensor:
-        pt = self._pt[stream]
+    def _grow(self, stream: str, rows: int, cols: int) -> np.ndarray:
+        pt = self._pt_np[stream]
         if rows > pt.shape[0] or cols > pt.shape[1]:
-            # Not an inference tensor even when growing inside a step: aborts update it from outside.
-            with torch.inference_mode(False):
-                bigger = torch.zeros(max(rows, 2 * pt.shape[0]), max(cols, 2 * pt.shape[1]), dtype=torch.long)
+            bigger = np.zeros((max(rows, 2 * pt.shape[0]), max(cols, 2 * pt.shape[1])), dtype=np.int64)
             bigger[: pt.shape[0], : pt.shape[1]] = pt
-            self._pt[stream] = pt = bigger
+            self._pt_np[stream] = pt = bigger
+            self._pt[stream] = torch.from_numpy(bigger)
         return pt
 
     # ------------------------------------------------------------------------------------------

@@ -172,3 +172,5 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsv4_compress.restype = None
     lib.dsv4_index_scores.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, f32, ptr]
     lib.dsv4_index_scores.restype = None
+    lib.dsv4_slots.argtypes = [i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ptr]
+    lib.dsv4_slots.restype = None

@@ -606,3 +606,20 @@ void dsv4_index_scores(int64_t T, int64_t nh, int64_t c, const float* q, const f
         free(wpad);
     }
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * Paged-pool slot lookup: out[i] = page * P + logical % P for the request row rows[req[i / J]] of
+ * the page table pt [height, width]; page 0 (the null page) for a request without a row (-1), a
+ * negative position, a page past the table, or an index out of range (never read out of bounds).
+ * req has n / J entries (one per J positions), rows n_rows.
+ */
+void dsv4_slots(int64_t n, int64_t J, const int64_t* req, const int64_t* logical, const int64_t* rows, int64_t n_rows,
+                const int64_t* pt, int64_t height, int64_t width, int64_t P, int64_t* out) {
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t q = req[i / J], l = logical[i];
+        const int64_t r = q >= 0 && q < n_rows ? rows[q] : -1;
+        const int64_t pg = l >= 0 ? l / P : width;
+        const int64_t page = r >= 0 && r < height && pg < width ? pt[r * width + pg] : 0;
+        out[i] = page * P + (l >= 0 ? l % P : 0);
+    }
+}

@@ -13,7 +13,7 @@ import torch
 
 from dsv4.native import library
 
-__all__ = ["compress_entries", "hc_post", "hc_pre", "index_scores", "moe_experts", "moe_gate", "pack_panels", "rms_norm", "rope", "sink_attention", "supports"]
+__all__ = ["compress_entries", "hc_post", "hc_pre", "index_scores", "moe_experts", "moe_gate", "pack_panels", "rms_norm", "rope", "sink_attention", "slots", "supports"]
 
 _MAX_STREAMS = 16  # mHC streams n (stack arrays in the kernel)
 
@@ -320,4 +320,27 @@ def index_scores(
     out = q.new_empty(n_tok, slots.shape[1])
     _lib().dsv4_index_scores(n_tok, nh, c, q.data_ptr(), weights.data_ptr(), store.data_ptr(), slots.data_ptr(),
                              valid.data_ptr(), slots.shape[1], c**-0.5, out.data_ptr())
+    return out
+
+
+def slots(
+    req: torch.Tensor, logical: torch.Tensor, rows: torch.Tensor, table: torch.Tensor, page_size: int
+) -> torch.Tensor | None:
+    """Paged-pool slot lookup (:meth:`dsv4.cache.paged.PagedKVPool.slots`): ``table[rows[req], logical //
+    page_size] * page_size + logical % page_size``, page 0 past a request's table (and for indices out
+    of range: the kernel never reads out of bounds). ``req`` is ``[L]``
+    with ``logical [L]`` or ``[T, 1]`` with ``logical [T, J]``; other shapes return ``None`` (the
+    caller's PyTorch path)."""
+    if logical.dim() == 1 and req.shape == logical.shape:
+        j = 1
+    elif logical.dim() == 2 and req.shape == (logical.shape[0], 1):
+        j = logical.shape[1]
+    else:
+        return None
+    for name, t in (("req", req), ("logical", logical), ("rows", rows), ("table", table)):
+        _check(name, t, torch.int64)
+    req, logical, rows, table = req.contiguous(), logical.contiguous(), rows.contiguous(), table.contiguous()
+    out = torch.empty(logical.shape, dtype=torch.int64)
+    _lib().dsv4_slots(logical.numel(), j, req.data_ptr(), logical.data_ptr(), rows.data_ptr(), rows.numel(),
+                      table.data_ptr(), table.shape[0], table.shape[1], page_size, out.data_ptr())
     return out
