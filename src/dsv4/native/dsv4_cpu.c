@@ -332,7 +332,7 @@ static inline __attribute__((always_inline)) void gemm_rows(const int M, const f
     }
 }
 
-static void gemm(int M, const float* A, int64_t lda, const float* B, int64_t K, int64_t N, float* C, int64_t ldc) {
+static void gemm16(int M, const float* A, int64_t lda, const float* B, int64_t K, int64_t N, float* C, int64_t ldc) {
     switch (M) {
 #define CASE(m) \
     case m: gemm_rows(m, A, lda, B, K, N, C, ldc); break;
@@ -341,6 +341,16 @@ static void gemm(int M, const float* A, int64_t lda, const float* B, int64_t K, 
 #undef CASE
         default: break;
     }
+}
+
+/* Any M: panel by panel, every 16-row block against the panel while it is in L1, so a weight
+ * streams from memory once however many rows there are. */
+static void gemm(int64_t M, const float* A, int64_t lda, const float* B, int64_t K, int64_t N, float* C,
+                 int64_t ldc) {
+    for (int64_t nt = 0; nt < N / 16; nt++)
+        for (int64_t m0 = 0; m0 < M; m0 += 16)
+            gemm16((int)(M - m0 < 16 ? M - m0 : 16), A + m0 * lda, lda, B + nt * K * 16, K, 16, C + m0 * ldc + nt * 16,
+                   ldc);
 }
 
 /* out[t] = sum_j weights[t, j] * expert_{idx[t, j]}(x[t]), the k experts of token t summed in j
@@ -367,28 +377,41 @@ void dsv4_moe_experts(int64_t T, int64_t D, int64_t I, const float* x, int64_t E
         }
         free(fill);
     }
+    /* Work items: an expert's rows in chunks of up to BLOCK (its weights stream from memory once
+     * per chunk), biggest first for the dynamic schedule. */
+    enum { BLOCK = 64 };
     int64_t n_items = 0;
-    for (int64_t e = 0; e < E; e++) n_items += (offsets[e + 1] - offsets[e] + 15) / 16;
-    int64_t* items = (int64_t*)malloc(sizeof(int64_t) * 2 * (size_t)(n_items + 1));
+    for (int64_t e = 0; e < E; e++) n_items += (offsets[e + 1] - offsets[e] + BLOCK - 1) / BLOCK;
+    int64_t* items = (int64_t*)malloc(sizeof(int64_t) * 3 * (size_t)(n_items + 1));
     int64_t n = 0;
-    for (int64_t e = 0; e < E; e++)
-        for (int64_t a = offsets[e]; a < offsets[e + 1]; a += 16) {
-            items[2 * n] = e;
-            items[2 * n + 1] = a;
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t count = offsets[e + 1] - offsets[e], chunks = (count + BLOCK - 1) / BLOCK;
+        for (int64_t c = 0; c < chunks; c++) { /* balanced chunk sizes */
+            const int64_t lo = offsets[e] + count * c / chunks, hi = offsets[e] + count * (c + 1) / chunks;
+            items[3 * n] = e;
+            items[3 * n + 1] = lo;
+            items[3 * n + 2] = hi - lo;
             n++;
         }
+    }
+    for (int64_t i = 1; i < n_items; i++) /* insertion sort by size, descending (n_items is small) */
+        for (int64_t j = i; j > 0 && items[3 * j + 2] > items[3 * (j - 1) + 2]; j--)
+            for (int f = 0; f < 3; f++) {
+                const int64_t tmp = items[3 * j + f];
+                items[3 * j + f] = items[3 * (j - 1) + f];
+                items[3 * (j - 1) + f] = tmp;
+            }
 #pragma omp parallel
     {
-        float* xb = (float*)malloc(sizeof(float) * (size_t)(16 * D));
-        float* h = (float*)malloc(sizeof(float) * (size_t)(16 * 2 * I));
-        float* act = (float*)malloc(sizeof(float) * (size_t)(16 * I));
+        float* xb = (float*)malloc(sizeof(float) * (size_t)(BLOCK * D));
+        float* h = (float*)malloc(sizeof(float) * (size_t)(BLOCK * 2 * I));
+        float* act = (float*)malloc(sizeof(float) * (size_t)(BLOCK * I));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < n_items; it++) {
-            const int64_t e = items[2 * it], a0 = items[2 * it + 1];
-            const int64_t rows = offsets[e + 1] - a0 < 16 ? offsets[e + 1] - a0 : 16;
+            const int64_t e = items[3 * it], a0 = items[3 * it + 1], rows = items[3 * it + 2];
             for (int64_t m = 0; m < rows; m++)
                 memcpy(xb + m * D, x + (order[a0 + m] / k) * D, sizeof(float) * (size_t)D);
-            gemm((int)rows, xb, D, gate_up + e * 2 * I * D, D, 2 * I, h, 2 * I);
+            gemm(rows, xb, D, gate_up + e * 2 * I * D, D, 2 * I, h, 2 * I);
             for (int64_t m = 0; m < rows; m++) {
                 const float* g = h + m * 2 * I;
                 const float* u = g + I;
@@ -404,7 +427,7 @@ void dsv4_moe_experts(int64_t T, int64_t D, int64_t I, const float* x, int64_t E
                     o[j] = gj / (1.0f + fexp_any(-gj)) * uj * w; /* the routing weight, folded in */
                 }
             }
-            gemm((int)rows, act, I, down + e * D * I, I, D, scratch + a0 * D, D);
+            gemm(rows, act, I, down + e * D * I, I, D, scratch + a0 * D, D);
         }
         free(xb);
         free(h);
