@@ -422,3 +422,27 @@ def test_slots_lookup_matches_the_page_tables() -> None:
     flat = kernels.slots(torch.tensor([0, 7, -2]), torch.tensor([5, 5, 5]), rows, table, p)  # bad request ids
     assert flat is not None and flat.tolist() == [int(table[2, 0]) * p + 5, 5, 5]
     assert kernels.slots(torch.zeros(2, 3, dtype=torch.long), logical[:2, :3], rows, table, p) is None
+
+
+def test_out_of_range_ids_raise_and_are_never_read() -> None:
+    from dsv4.attention.rope import rope_cis, rope_inv_freq
+
+    store = torch.randn(10, 16)
+    ok = torch.ones(2, 3, dtype=torch.bool)
+    with torch.no_grad():
+        for bad in (10, -1):
+            slots = torch.tensor([[0, 1, 2], [3, bad, 4]])
+            with pytest.raises(ValueError, match="outside"):
+                kernels.sink_attention(torch.randn(2, 1, 16), [(store, slots, ok)], torch.zeros(1), 1.0)
+            with pytest.raises(ValueError, match="outside"):
+                kernels.index_scores(torch.randn(2, 2, 16), torch.ones(2, 2), store, slots, ok)
+        with pytest.raises(ValueError, match="outside"):
+            kernels.compress_entries(torch.randn(10, 32), torch.tensor([[0, 1, 2, 99]]), torch.ones(1, 4, dtype=torch.bool),
+                                     ape=torch.zeros(4, 16), norm_weight=torch.ones(16), eps=1e-6,
+                                     cis=rope_cis(torch.zeros(1), rope_inv_freq(8, 10000.0, None)), overlap=False)
+        gate_up = kernels.pack_panels(torch.randn(2 * 16, 16)).expand(3, -1, -1, -1).contiguous()
+        down = kernels.pack_panels(torch.randn(16, 16)).expand(3, -1, -1, -1).contiguous()
+        with pytest.raises(ValueError, match="expert ids"):
+            kernels.moe_experts(torch.randn(2, 16), gate_up, down, torch.tensor([[0], [3]]), torch.ones(2, 1), 0.0)
+        with pytest.raises(ValueError, match="imposed"):
+            kernels.moe_gate(torch.randn(2, 16), torch.randn(3, 16), None, "sigmoid", 1, 1.0, torch.tensor([[5], [-1]]))

@@ -32,7 +32,7 @@ from loguru import logger
 
 __all__ = ["ABI", "available", "cache_dir", "library", "unavailable_reason"]
 
-ABI = 1  # must equal DSV4_NATIVE_ABI in dsv4_cpu.c
+ABI = 2  # must equal DSV4_NATIVE_ABI in dsv4_cpu.c
 # Tried in order: the fastest build first; -march=native or -fopenmp may be unsupported
 # (e.g. Apple's clang has no OpenMP: the kernels then run on one thread).
 _FLAG_SETS = (
@@ -147,30 +147,23 @@ def _build(compiler: str, flags: list[str], source: bytes) -> Path:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    i64, f32, ptr, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int32
     lib.dsv4_native_abi.restype = ctypes.c_int
-    lib.dsv4_sink_attention.argtypes = [
-        i64, i64, i64, ptr, f32, ptr,
-        ptr, ptr, ptr, i64,
-        ptr, ptr, ptr, i64,
-        ptr,
-    ]
-    lib.dsv4_sink_attention.restype = None
-    lib.dsv4_hc_pre.argtypes = [i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr, f32, f32, i64, ptr, ptr, ptr]
-    lib.dsv4_hc_pre.restype = None
-    lib.dsv4_hc_post.argtypes = [i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr]
-    lib.dsv4_hc_post.restype = None
-    lib.dsv4_rms_norm.argtypes = [i64, i64, ptr, i64, ptr, f32, ptr]
-    lib.dsv4_rms_norm.restype = None
-    lib.dsv4_moe_experts.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, f32, ptr]
-    lib.dsv4_moe_gate.argtypes = [i64, i64, i64, ptr, ptr, ptr, ctypes.c_int32, i64, ptr, f32, ptr, ptr]
-    lib.dsv4_moe_gate.restype = None
-    lib.dsv4_moe_experts.restype = None
-    lib.dsv4_rope.argtypes = [i64, i64, i64, i64, ptr, ptr, ctypes.c_int32, ptr]
-    lib.dsv4_rope.restype = None
-    lib.dsv4_compress.argtypes = [i64, i64, i64, ctypes.c_int32, ptr, ptr, ptr, ptr, ptr, f32, ptr, i64, ptr]
-    lib.dsv4_compress.restype = None
-    lib.dsv4_index_scores.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, f32, ptr]
-    lib.dsv4_index_scores.restype = None
-    lib.dsv4_slots.argtypes = [i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ptr]
-    lib.dsv4_slots.restype = None
+    # Kernels that index storage by caller-provided ids return a status (0: fine, else an id was out
+    # of range and nothing out of bounds was read); the others return nothing.
+    signatures: dict[str, tuple[list[type], type | None]] = {
+        "dsv4_sink_attention": ([i64, i64, i64, ptr, f32, ptr, ptr, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, ptr],
+                                i64),
+        "dsv4_hc_pre": ([i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr, f32, f32, i64, ptr, ptr, ptr], None),
+        "dsv4_hc_post": ([i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr], None),
+        "dsv4_rms_norm": ([i64, i64, ptr, i64, ptr, f32, ptr], None),
+        "dsv4_moe_experts": ([i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, f32, ptr], i64),
+        "dsv4_moe_gate": ([i64, i64, i64, ptr, ptr, ptr, i32, i64, ptr, f32, ptr, ptr], i64),
+        "dsv4_rope": ([i64, i64, i64, i64, ptr, ptr, i32, ptr], None),
+        "dsv4_compress": ([i64, i64, i64, i32, ptr, i64, ptr, ptr, ptr, ptr, f32, ptr, i64, ptr], i64),
+        "dsv4_index_scores": ([i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, f32, ptr], i64),
+        "dsv4_slots": ([i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ptr], None),
+    }
+    for name, (args, result) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, result

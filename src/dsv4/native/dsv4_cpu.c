@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define DSV4_NATIVE_ABI 1
+#define DSV4_NATIVE_ABI 2
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
@@ -75,11 +75,12 @@ int dsv4_native_abi(void) { return DSV4_NATIVE_ABI; }
  * over valid j of both parts. D must be a multiple of 16.
  */
 #define HB 8
-void dsv4_sink_attention(int64_t T, int64_t H, int64_t D, const float* q, float scale, const float* sink,
-                         const float* store_a, const int64_t* slots_a, const uint8_t* valid_a, int64_t Ja,
-                         const float* store_b, const int64_t* slots_b, const uint8_t* valid_b, int64_t Jb,
-                         float* out) {
+int64_t dsv4_sink_attention(int64_t T, int64_t H, int64_t D, const float* q, float scale, const float* sink,
+                            const float* store_a, int64_t Sa, const int64_t* slots_a, const uint8_t* valid_a,
+                            int64_t Ja, const float* store_b, int64_t Sb, const int64_t* slots_b,
+                            const uint8_t* valid_b, int64_t Jb, float* out) {
     const int64_t J = Ja + Jb, C = D / 16, Hp = (H + HB - 1) / HB * HB;
+    int64_t bad = 0; /* a valid slot outside its store: reported, never read */
 #pragma omp parallel
     {
         /* Scores of a block of 8 heads as [row][8] (+1 spare row: 16-lane stores), rows padded to even. */
@@ -91,9 +92,23 @@ void dsv4_sink_attention(int64_t T, int64_t H, int64_t D, const float* q, float 
             memcpy(qpad, q + t * H * D, sizeof(float) * (size_t)(H * D)); /* heads padded to HB */
             int64_t n = 0;
             for (int64_t j = 0; j < Ja; j++)
-                if (valid_a[t * Ja + j]) rows[n++] = store_a + slots_a[t * Ja + j] * D;
+                if (valid_a[t * Ja + j]) {
+                    const int64_t slot = slots_a[t * Ja + j];
+                    if (slot >= 0 && slot < Sa) rows[n++] = store_a + slot * D;
+                    else {
+#pragma omp atomic write
+                        bad = 1;
+                    }
+                }
             for (int64_t j = 0; j < Jb; j++)
-                if (valid_b[t * Jb + j]) rows[n++] = store_b + slots_b[t * Jb + j] * D;
+                if (valid_b[t * Jb + j]) {
+                    const int64_t slot = slots_b[t * Jb + j];
+                    if (slot >= 0 && slot < Sb) rows[n++] = store_b + slot * D;
+                    else {
+#pragma omp atomic write
+                        bad = 1;
+                    }
+                }
             const int64_t n2 = (n + 1) / 2 * 2;
             for (int64_t h0 = 0; h0 < Hp; h0 += HB) {
                 /* Scores, and each head's running max (lanes 0-7; sinks included). */
@@ -156,6 +171,7 @@ void dsv4_sink_attention(int64_t T, int64_t H, int64_t D, const float* q, float 
         free(rows);
         free(qpad);
     }
+    return bad;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -356,10 +372,12 @@ static void gemm(int64_t M, const float* A, int64_t lda, const float* B, int64_t
 /* out[t] = sum_j weights[t, j] * expert_{idx[t, j]}(x[t]), the k experts of token t summed in j
  * order (so the result does not depend on how threads share the work). idx/weights [T, k], all ids
  * in [0, E). limit > 0 clamps the SwiGLU (gate <= limit, |up| <= limit). x, out [T, D] contiguous. */
-void dsv4_moe_experts(int64_t T, int64_t D, int64_t I, const float* x, int64_t E, const float* gate_up,
-                      const float* down, const int64_t* idx, const float* weights, int64_t k, float limit,
-                      float* out) {
+int64_t dsv4_moe_experts(int64_t T, int64_t D, int64_t I, const float* x, int64_t E, const float* gate_up,
+                         const float* down, const int64_t* idx, const float* weights, int64_t k, float limit,
+                         float* out) {
     const int64_t A = T * k;
+    for (int64_t a = 0; a < A; a++)
+        if (idx[a] < 0 || idx[a] >= E) return 1; /* an expert id out of range: nothing computed */
     /* Counting sort of the assignments by expert (stable: token order within an expert). */
     int64_t* offsets = (int64_t*)calloc((size_t)(E + 1), sizeof(int64_t));
     int64_t* order = (int64_t*)malloc(sizeof(int64_t) * (size_t)(A + 1)); /* sorted position -> t*k+j */
@@ -448,14 +466,20 @@ void dsv4_moe_experts(int64_t T, int64_t D, int64_t I, const float* x, int64_t E
     free(order);
     free(inv);
     free(scratch);
+    return 0;
 }
 
 /* The MoE router (spec §6) for T tokens: logits = x W^T (W [E, D]); scores = softmax (func 0),
  * sigmoid (1) or sqrt(softplus) (2) of them; each token's k experts are idx_in's row where given
  * (hash layers, routing replay: rows whose first id is >= 0), else the top k of scores + bias (ties:
  * lower id first); weights are their scores, renormalised unless softmax, times scale. */
-void dsv4_moe_gate(int64_t T, int64_t D, int64_t E, const float* x, const float* W, const float* bias, int32_t func,
-                   int64_t k, const int64_t* idx_in, float scale, int64_t* idx_out, float* w_out) {
+int64_t dsv4_moe_gate(int64_t T, int64_t D, int64_t E, const float* x, const float* W, const float* bias,
+                      int32_t func, int64_t k, const int64_t* idx_in, float scale, int64_t* idx_out, float* w_out) {
+    if (idx_in != NULL)
+        for (int64_t t = 0; t < T; t++)
+            if (idx_in[t * k] >= 0)
+                for (int64_t j = 0; j < k; j++)
+                    if (idx_in[t * k + j] < 0 || idx_in[t * k + j] >= E) return 1; /* imposed id out of range */
 #pragma omp parallel for schedule(static) if (T * E * D >= 262144)
     for (int64_t t = 0; t < T; t++) {
         const float* xt = x + t * D;
@@ -498,6 +522,7 @@ void dsv4_moe_gate(int64_t T, int64_t D, int64_t E, const float* x, const float*
         for (int64_t j = 0; j < k; j++) w_out[t * k + j] *= norm;
         free(sc);
     }
+    return 0;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -534,10 +559,12 @@ void dsv4_rope(int64_t N, int64_t inner, int64_t d, int64_t rd, const float* x, 
  * the valid slots of Z + ape weighs K; the entry is RMS-normed (weight norm_w) and its trailing rd
  * channels rotated by cis [E, rd/2] (cos, sin). out [E, c].
  */
-void dsv4_compress(int64_t E, int64_t m, int64_t c, int32_t overlap, const float* rows, const int64_t* slots,
-                   const uint8_t* valid, const float* ape, const float* norm_w, float eps, const float* cis,
-                   int64_t rd, float* out) {
+int64_t dsv4_compress(int64_t E, int64_t m, int64_t c, int32_t overlap, const float* rows, int64_t n_rows,
+                      const int64_t* slots, const uint8_t* valid, const float* ape, const float* norm_w, float eps,
+                      const float* cis, int64_t rd, float* out) {
     const int64_t coff = overlap ? 2 : 1, W = coff * c, S = coff * m;
+    for (int64_t i = 0; i < E * S; i++)
+        if (valid[i] && (slots[i] < 0 || slots[i] >= n_rows)) return 1; /* a valid slot outside rows */
 #pragma omp parallel for schedule(static) if (E >= 8)
     for (int64_t e = 0; e < E; e++) {
         float* o = out + e * c;
@@ -587,6 +614,7 @@ void dsv4_compress(int64_t E, int64_t m, int64_t c, int32_t overlap, const float
         }
         free(mx);
     }
+    return 0;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -594,9 +622,12 @@ void dsv4_compress(int64_t E, int64_t m, int64_t c, int32_t overlap, const float
  * w[t, h] * relu(q[t, h] . store[slots[t, s]]) where valid[t, s], else -inf. q [T, nh, c] and
  * w [T, nh] contiguous; c a multiple of 16.
  */
-void dsv4_index_scores(int64_t T, int64_t nh, int64_t c, const float* q, const float* w, const float* store,
-                       const int64_t* slots, const uint8_t* valid, int64_t N, float scale, float* out) {
+int64_t dsv4_index_scores(int64_t T, int64_t nh, int64_t c, const float* q, const float* w, const float* store,
+                          int64_t n_rows, const int64_t* slots, const uint8_t* valid, int64_t N, float scale,
+                          float* out) {
     const int64_t C = c / 16, Hp = (nh + 7) / 8 * 8;
+    for (int64_t i = 0; i < T * N; i++)
+        if (valid[i] && (slots[i] < 0 || slots[i] >= n_rows)) return 1; /* a valid slot outside the store */
 #pragma omp parallel
     {
         float* qpad = (float*)calloc((size_t)(Hp * c), sizeof(float));
@@ -628,6 +659,7 @@ void dsv4_index_scores(int64_t T, int64_t nh, int64_t c, const float* q, const f
         free(qpad);
         free(wpad);
     }
+    return 0;
 }
 
 /* ---------------------------------------------------------------------------------------------

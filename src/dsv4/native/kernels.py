@@ -13,7 +13,20 @@ import torch
 
 from dsv4.native import library
 
-__all__ = ["compress_entries", "hc_post", "hc_pre", "index_scores", "moe_experts", "moe_gate", "pack_panels", "rms_norm", "rope", "sink_attention", "slots", "supports"]
+__all__ = [
+    "compress_entries",
+    "hc_post",
+    "hc_pre",
+    "index_scores",
+    "moe_experts",
+    "moe_gate",
+    "pack_panels",
+    "rms_norm",
+    "rope",
+    "sink_attention",
+    "slots",
+    "supports",
+]
 
 _MAX_STREAMS = 16  # mHC streams n (stack arrays in the kernel)
 
@@ -32,6 +45,12 @@ def _lib() -> Any:  # a ctypes.CDLL: its functions are attributes typed Any
     if lib is None:
         raise RuntimeError("dsv4 native kernels are unavailable")
     return lib
+
+
+def _status(kernel: str, code: int, what: str) -> None:
+    """Turn a kernel's nonzero status into an error (the kernel read nothing out of bounds)."""
+    if code:
+        raise ValueError(f"{kernel}: {what}")
 
 
 def _check(name: str, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
@@ -59,8 +78,7 @@ def sink_attention(
     ``parts`` (one or two) are ``(store [S, D], slots [T, J] int64, valid [T, J] bool)``: token t reads
     ``store[slots[t, j]]`` where ``valid[t, j]``. Equals :func:`dsv4.attention.ops.sink_attention` of
     the gathered, concatenated rows (up to summation order) without gathering them. ``D`` must be a
-    multiple of 16; valid slots must be in range (they are not checked, for speed: they come from
-    the backend's plan).
+    multiple of 16; a valid slot outside its store raises ``ValueError`` (masked slots are never read).
     """
     if not 1 <= len(parts) <= 2:
         raise ValueError(f"sink_attention takes one or two parts, got {len(parts)}")
@@ -82,11 +100,12 @@ def sink_attention(
         slots = slots.to(torch.int64).contiguous()
         valid = valid.to(torch.uint8).contiguous()
         keep += [slots, valid]
-        args += [store.data_ptr(), slots.data_ptr(), valid.data_ptr(), slots.shape[1]]
+        args += [store.data_ptr(), store.shape[0], slots.data_ptr(), valid.data_ptr(), slots.shape[1]]
     if len(parts) == 1:
-        args += [None, None, None, 0]
+        args += [None, 0, None, None, 0]
     out = torch.empty_like(q)
-    _lib().dsv4_sink_attention(t, h, d, q.data_ptr(), float(scale), sink.data_ptr(), *args, out.data_ptr())
+    code = _lib().dsv4_sink_attention(t, h, d, q.data_ptr(), float(scale), sink.data_ptr(), *args, out.data_ptr())
+    _status("sink_attention", code, "a valid slot is outside its store")
     return out
 
 
@@ -191,12 +210,11 @@ def moe_experts(
     if tokens_n == 0 or k == 0:
         return torch.zeros_like(x)
     idx = idx.to(torch.int64).contiguous()
-    if int(idx.min()) < 0 or int(idx.max()) >= e:
-        raise ValueError(f"moe_experts: expert ids must be in [0, {e}), got {int(idx.min())}..{int(idx.max())}")
     x, gate_up, down, weights = x.contiguous(), gate_up.contiguous(), down.contiguous(), weights.contiguous()
     out = torch.empty_like(x)
-    _lib().dsv4_moe_experts(tokens_n, d, inter, x.data_ptr(), e, gate_up.data_ptr(), down.data_ptr(), idx.data_ptr(),
-                            weights.data_ptr(), k, float(limit), out.data_ptr())
+    code = _lib().dsv4_moe_experts(tokens_n, d, inter, x.data_ptr(), e, gate_up.data_ptr(), down.data_ptr(),
+                                   idx.data_ptr(), weights.data_ptr(), k, float(limit), out.data_ptr())
+    _status("moe_experts", code, f"expert ids must be in [0, {e})")
     return out
 
 
@@ -230,15 +248,13 @@ def moe_gate(
         if imposed.shape != (t, top_k):
             raise ValueError(f"moe_gate: imposed ids {tuple(imposed.shape)} must be [{t}, {top_k}]")
         imposed = imposed.to(torch.int64).contiguous()
-        chosen = imposed[imposed[:, 0] >= 0]
-        if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= e):
-            raise ValueError(f"moe_gate: imposed expert ids must be in [0, {e})")
     x, weight = x.contiguous(), weight.contiguous()
     idx = torch.empty(t, top_k, dtype=torch.int64)
     w = torch.empty(t, top_k, dtype=torch.float32)
-    _lib().dsv4_moe_gate(t, d, e, x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                         _SCORE_FUNCS[score_func], top_k, None if imposed is None else imposed.data_ptr(),
-                         float(route_scale), idx.data_ptr(), w.data_ptr())
+    code = _lib().dsv4_moe_gate(t, d, e, x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                                _SCORE_FUNCS[score_func], top_k, None if imposed is None else imposed.data_ptr(),
+                                float(route_scale), idx.data_ptr(), w.data_ptr())
+    _status("moe_gate", code, f"imposed expert ids must be in [0, {e})")
     return w, idx
 
 
@@ -293,8 +309,10 @@ def compress_entries(
     valid = valid.to(torch.uint8).contiguous()
     pairs = torch.view_as_real(cis.contiguous())
     ape, norm_weight = ape.contiguous(), norm_weight.contiguous()
-    _lib().dsv4_compress(e, m, c, int(overlap), rows.data_ptr(), slots.data_ptr(), valid.data_ptr(), ape.data_ptr(),
-                         norm_weight.data_ptr(), float(eps), pairs.data_ptr(), 2 * cis.shape[-1], out.data_ptr())
+    code = _lib().dsv4_compress(e, m, c, int(overlap), rows.data_ptr(), rows.shape[0], slots.data_ptr(),
+                                valid.data_ptr(), ape.data_ptr(), norm_weight.data_ptr(), float(eps), pairs.data_ptr(),
+                                2 * cis.shape[-1], out.data_ptr())
+    _status("compress_entries", code, "a valid slot is outside the stored rows")
     return out
 
 
@@ -318,8 +336,9 @@ def index_scores(
     slots = slots.to(torch.int64).contiguous()
     valid = valid.to(torch.uint8).contiguous()
     out = q.new_empty(n_tok, slots.shape[1])
-    _lib().dsv4_index_scores(n_tok, nh, c, q.data_ptr(), weights.data_ptr(), store.data_ptr(), slots.data_ptr(),
-                             valid.data_ptr(), slots.shape[1], c**-0.5, out.data_ptr())
+    code = _lib().dsv4_index_scores(n_tok, nh, c, q.data_ptr(), weights.data_ptr(), store.data_ptr(), store.shape[0],
+                                    slots.data_ptr(), valid.data_ptr(), slots.shape[1], c**-0.5, out.data_ptr())
+    _status("index_scores", code, "a valid slot is outside the store")
     return out
 
 
