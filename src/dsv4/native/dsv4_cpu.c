@@ -45,11 +45,9 @@ static inline v16 hsum8(const v16 a[8]) {
 #undef SV
 }
 
-/* e^x for x <= 0 (softmax after subtracting the max): Cody-Waite reduction and Cephes' degree-6
- * polynomial, ~1 ulp; x < -87 gives 0 (libm gives a denormal there). Scalar code the compiler
- * vectorises in `omp simd` loops. */
-static inline float fexp(float x) {
-    const float y = x < -87.0f ? -87.0f : x;
+/* e^y for y in [-87, 88]: Cody-Waite reduction and Cephes' degree-6 polynomial, ~1 ulp. Scalar code
+ * the compiler vectorises in `omp simd` loops. */
+static inline float exp_core(float y) {
     const float n = floorf(y * 1.44269504088896341f + 0.5f);
     const float r = y - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -62,8 +60,14 @@ static inline float fexp(float x) {
     const int32_t bits = ((int32_t)n + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return x < -87.0f ? 0.0f : p * scale;
+    return p * scale;
 }
+
+/* e^x for x <= 0 (softmax after subtracting the max); x < -87 gives 0 (libm: a denormal). */
+static inline float fexp(float x) { return x < -87.0f ? 0.0f : exp_core(x); }
+
+/* e^x over the whole float range, clamped to [-87, 88] (SiLU's e^-g). */
+static inline float fexp_any(float x) { return exp_core(x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x)); }
 
 int dsv4_native_abi(void) { return DSV4_NATIVE_ABI; }
 
@@ -74,6 +78,19 @@ int dsv4_native_abi(void) { return DSV4_NATIVE_ABI; }
  * valid [T, J] (0/1). o[t, h] = sum_j e^{s_j} row_j / (sum_j e^{s_j} + e^{sink_h}), s_j = scale q.row_j
  * over valid j of both parts. D must be a multiple of 16.
  */
+/* Appends the rows store[slots[j]] of valid j to rows (count n); returns how many valid slots lie
+ * outside the store's S rows (skipped, never read). */
+static int64_t collect_rows(const float** rows, int64_t* n, const float* store, int64_t S, int64_t D,
+                            const int64_t* slots, const uint8_t* valid, int64_t J) {
+    int64_t missing = 0;
+    for (int64_t j = 0; j < J; j++)
+        if (valid[j]) {
+            if (slots[j] >= 0 && slots[j] < S) rows[(*n)++] = store + slots[j] * D;
+            else missing++;
+        }
+    return missing;
+}
+
 #define HB 8
 int64_t dsv4_sink_attention(int64_t T, int64_t H, int64_t D, const float* q, float scale, const float* sink,
                             const float* store_a, int64_t Sa, const int64_t* slots_a, const uint8_t* valid_a,
@@ -91,24 +108,12 @@ int64_t dsv4_sink_attention(int64_t T, int64_t H, int64_t D, const float* q, flo
         for (int64_t t = 0; t < T; t++) {
             memcpy(qpad, q + t * H * D, sizeof(float) * (size_t)(H * D)); /* heads padded to HB */
             int64_t n = 0;
-            for (int64_t j = 0; j < Ja; j++)
-                if (valid_a[t * Ja + j]) {
-                    const int64_t slot = slots_a[t * Ja + j];
-                    if (slot >= 0 && slot < Sa) rows[n++] = store_a + slot * D;
-                    else {
+            int64_t missing = collect_rows(rows, &n, store_a, Sa, D, slots_a + t * Ja, valid_a + t * Ja, Ja);
+            if (Jb) missing += collect_rows(rows, &n, store_b, Sb, D, slots_b + t * Jb, valid_b + t * Jb, Jb);
+            if (missing) {
 #pragma omp atomic write
-                        bad = 1;
-                    }
-                }
-            for (int64_t j = 0; j < Jb; j++)
-                if (valid_b[t * Jb + j]) {
-                    const int64_t slot = slots_b[t * Jb + j];
-                    if (slot >= 0 && slot < Sb) rows[n++] = store_b + slot * D;
-                    else {
-#pragma omp atomic write
-                        bad = 1;
-                    }
-                }
+                bad = 1;
+            }
             const int64_t n2 = (n + 1) / 2 * 2;
             for (int64_t h0 = 0; h0 < Hp; h0 += HB) {
                 /* Scores, and each head's running max (lanes 0-7; sinks included). */
@@ -313,24 +318,6 @@ void dsv4_rms_norm(int64_t T, int64_t D, const float* x, int64_t st, const float
  * per panel, K contiguous rows of them), so a block's product is 16-row outer-product updates from
  * one contiguous stream. gate_up [E][2I/16][D][16] (gate = w1 then up = w3), down [E][D/16][I][16].
  */
-
-/* e^x over the whole float range: fexp's reduction, clamped to [-87, 88]. */
-static inline float fexp_any(float x) {
-    const float y = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float n = floorf(y * 1.44269504088896341f + 0.5f);
-    const float r = y - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
 
 /* C[M, N] = A[M, K] (row stride lda) times the panel-packed B; M <= 16 (a constant after inlining). */
 static inline __attribute__((always_inline)) void gemm_rows(const int M, const float* A, int64_t lda,
