@@ -446,3 +446,15 @@ def test_out_of_range_ids_raise_and_are_never_read() -> None:
             kernels.moe_experts(torch.randn(2, 16), gate_up, down, torch.tensor([[0], [3]]), torch.ones(2, 1), 0.0)
         with pytest.raises(ValueError, match="imposed"):
             kernels.moe_gate(torch.randn(2, 16), torch.randn(3, 16), None, "sigmoid", 1, 1.0, torch.tensor([[5], [-1]]))
+
+
+def test_a_read_only_cache_dir_falls_back_to_a_temp_dir(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the cache directory should be")
+    (tmp_path / "tmp").mkdir()
+    out = _run("""
+        from dsv4 import native
+        print(native.available(), native.library()._name)
+    """, DSV4_CACHE_DIR=str(blocked), TMPDIR=str(tmp_path / "tmp"))
+    ok, path = out.split()
+    assert ok == "True" and path.startswith(str(tmp_path / "tmp"))

@@ -8,8 +8,9 @@ from the KV pool by slot). They serve inference only (no autograd, not batch-inv
 the CPU; every caller keeps its PyTorch path, which is the reference the kernels are tested against.
 
 Building: the first :func:`library` call compiles ``dsv4_cpu.c`` (about a second) into
-``$DSV4_CACHE_DIR`` (default ``~/.cache/dsv4``)``/native/``, keyed by the source, the flags, the
-compiler and this CPU, so a cached build is never loaded on a machine it was not made for. The
+``$DSV4_CACHE_DIR`` (default ``~/.cache/dsv4``)``/native/`` (a per-user temporary directory if that
+is not writable), keyed by the source, the flags, the compiler and this CPU, so a cached build is
+never loaded on a machine it was not made for. The
 compiler is ``$CC`` or ``cc``/``gcc``/``clang`` on the ``PATH``. If none works, or ``DSV4_NATIVE=0``,
 :func:`library` returns ``None`` (with the reason in :func:`unavailable_reason`) and every caller
 takes its PyTorch path.
@@ -127,11 +128,21 @@ def _machine_key(compiler: str) -> bytes:
 
 def _build(compiler: str, flags: list[str], source: bytes) -> Path:
     key = hashlib.sha256(source + repr(flags + _COMMON).encode() + _machine_key(compiler)).hexdigest()[:20]
-    out_dir = cache_dir()
-    target = out_dir / f"dsv4_cpu-{key}.so"
-    if target.exists():
-        return target
-    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"dsv4_cpu-{key}.so"
+    # A read-only home (some containers) must not cost the kernels: fall back to a per-user temp dir.
+    fallback = Path(tempfile.gettempdir()) / f"dsv4-native-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    for out_dir in (cache_dir(), fallback):
+        if (out_dir / name).exists():
+            return out_dir / name
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(out_dir, os.W_OK):
+            break
+    else:
+        raise OSError(f"no writable directory for the build ({cache_dir()}, {fallback})")
+    target = out_dir / name
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         src = Path(tmp) / "dsv4_cpu.c"
         src.write_bytes(source)
