@@ -319,26 +319,27 @@ void dsv4_rms_norm(int64_t T, int64_t D, const float* x, int64_t st, const float
  * one contiguous stream. gate_up [E][2I/16][D][16] (gate = w1 then up = w3), down [E][D/16][I][16].
  */
 
-/* C[M, N] = A[M, K] (row stride lda) times the panel-packed B; M <= 16 (a constant after inlining). */
-static inline __attribute__((always_inline)) void gemm_rows(const int M, const float* A, int64_t lda,
-                                                             const float* B, int64_t K, int64_t N, float* C,
-                                                             int64_t ldc) {
-    for (int64_t nt = 0; nt < N / 16; nt++) {
-        const float* b = B + nt * K * 16;
-        v16 acc[16];
-        for (int m = 0; m < M; m++) acc[m] = splat(0.f);
-        for (int64_t k = 0; k < K; k++) {
-            const v16 w = ld(b + k * 16);
-            for (int m = 0; m < M; m++) acc[m] += A[m * lda + k] * w;
-        }
-        for (int m = 0; m < M; m++) st(C + m * ldc + nt * 16, acc[m]);
+/* C[M, 16] = A[M, K] (row stride lda) times one weight panel B [K, 16]; M <= 16 (a constant after
+ * inlining). `next` (the following panel, or B) is prefetched line by line as B is read: more loads
+ * in flight for weights that stream from memory (~18% faster routed experts of a decode step). */
+static inline __attribute__((always_inline)) void panel_rows(const int M, const float* A, int64_t lda,
+                                                              const float* B, const float* next, int64_t K,
+                                                              float* C, int64_t ldc) {
+    v16 acc[16];
+    for (int m = 0; m < M; m++) acc[m] = splat(0.f);
+    for (int64_t k = 0; k < K; k++) {
+        __builtin_prefetch(next + k * 16, 0, 3);
+        const v16 w = ld(B + k * 16);
+        for (int m = 0; m < M; m++) acc[m] += A[m * lda + k] * w;
     }
+    for (int m = 0; m < M; m++) st(C + m * ldc, acc[m]);
 }
 
-static void gemm16(int M, const float* A, int64_t lda, const float* B, int64_t K, int64_t N, float* C, int64_t ldc) {
+static void panel(int M, const float* A, int64_t lda, const float* B, const float* next, int64_t K, float* C,
+                  int64_t ldc) {
     switch (M) {
 #define CASE(m) \
-    case m: gemm_rows(m, A, lda, B, K, N, C, ldc); break;
+    case m: panel_rows(m, A, lda, B, next, K, C, ldc); break;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
         CASE(9) CASE(10) CASE(11) CASE(12) CASE(13) CASE(14) CASE(15) CASE(16)
 #undef CASE
@@ -346,14 +347,17 @@ static void gemm16(int M, const float* A, int64_t lda, const float* B, int64_t K
     }
 }
 
-/* Any M: panel by panel, every 16-row block against the panel while it is in L1, so a weight
- * streams from memory once however many rows there are. */
+/* C[M, N] = A[M, K] times the panel-packed B ([N/16, K, 16]), any M: panel by panel, every 16-row
+ * block against the panel while it is in L1, so a weight streams from memory once. */
 static void gemm(int64_t M, const float* A, int64_t lda, const float* B, int64_t K, int64_t N, float* C,
                  int64_t ldc) {
-    for (int64_t nt = 0; nt < N / 16; nt++)
+    const int64_t NP = N / 16;
+    for (int64_t nt = 0; nt < NP; nt++) {
+        const float* b = B + nt * K * 16;
+        const float* next = nt + 1 < NP ? b + K * 16 : b;
         for (int64_t m0 = 0; m0 < M; m0 += 16)
-            gemm16((int)(M - m0 < 16 ? M - m0 : 16), A + m0 * lda, lda, B + nt * K * 16, K, 16, C + m0 * ldc + nt * 16,
-                   ldc);
+            panel((int)(M - m0 < 16 ? M - m0 : 16), A + m0 * lda, lda, b, next, K, C + m0 * ldc + nt * 16, ldc);
+    }
 }
 
 /* out[t] = sum_j weights[t, j] * expert_{idx[t, j]}(x[t]), the k experts of token t summed in j
