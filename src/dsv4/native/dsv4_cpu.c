@@ -122,6 +122,8 @@ int64_t dsv4_sink_attention(int64_t T, int64_t H, int64_t D, const float* q, flo
                 for (int64_t j = 0; j < n; j += 2) { /* two rows at a time: q loads shared */
                     const float* r0 = rows[j];
                     const float* r1 = rows[j + 1 < n ? j + 1 : j];
+                    for (int64_t f = j + 2; f < j + 4 && f < n; f++) /* rows are scattered over pages */
+                        for (int64_t c = 0; c < C; c++) __builtin_prefetch(rows[f] + 16 * c, 0, 3);
                     v16 a0[HB], a1[HB];
                     for (int h = 0; h < HB; h++) a0[h] = a1[h] = splat(0.f);
                     for (int64_t c = 0; c < C; c++) {
