@@ -64,6 +64,7 @@ class PagedKVPool:
         self._pt = {name: torch.from_numpy(a) for name, a in self._pt_np.items()}
         # Leading pages of each request already released (window recycling frees pages in order).
         self._released: dict[str, dict[int, int]] = {name: {} for name in self.streams}
+        self._expiring = [(name, spec) for name, spec in self.streams.items() if spec.keep is not None]
         self._rows_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     @classmethod
@@ -131,7 +132,10 @@ class PagedKVPool:
 
     def release(self, rid: int, num_tokens: int | None = None) -> None:
         """Free what a request of ``num_tokens`` tokens will not read again (``None``: everything)."""
-        for name, spec in self.streams.items():
+        # Called for every running request every step: a partial release only concerns streams
+        # whose old rows expire (a window, open compression blocks).
+        streams = self.streams.items() if num_tokens is None else self._expiring
+        for name, spec in streams:
             table = self._tables[name].get(rid)
             if table is None:
                 continue
