@@ -1,16 +1,19 @@
-"""The ``cpu`` AttentionBackend: the reference backend with a fused kernel for inference decode.
+"""The ``cpu`` AttentionBackend: the reference backend with fused kernels for inference.
 
-Plans, pool writes, block compression, the indexer and every training or batch-invariant path are
-the reference backend's (inherited, so the arithmetic there is identical). What changes is the
-inference attention of decode-shaped tokens: instead of gathering each token's window rows and
-selected entries into new tensors and running small batched products over them, one native call
-(:func:`dsv4.native.kernels.sink_attention`) reads the rows in place from the KV pool by slot and
-computes scores, the sink softmax and the weighted sum per token.
+Plans, pool writes, long-chunk (dense) attention and every training or batch-invariant path are the
+reference backend's (inherited, so the arithmetic there is identical). In inference (no autograd,
+not batch-invariant, float32) three steps read the KV pool in place by slot instead of gathering rows
+into new tensors and running small batched products over them (:mod:`dsv4.native.kernels`):
 
-Measured on the development machine (2 cores, batch 64, 8 heads of 128, 128 window rows + 64
-entries per token): 0.47 ms per layer vs 1.4 ms for gather + products.
+- decode attention (``sink_attention``): scores, the sink softmax and the weighted sum per token
+  over its window rows and selected entries;
+- the lightning indexer's scores over the visible keys (``index_scores``; top-k stays PyTorch);
+- block compression of the blocks closing in the step (``compress_entries``; with fake
+  quantisation the reference's arithmetic is kept).
+
+Measured on the development machine (2 cores, batch 64, 8 heads of 128, 128 window rows + 64 entries
+per token, hot caches): decode attention 0.41 ms per layer vs 1.3 ms for gather + products.
 """
-
 from __future__ import annotations
 
 from typing import ClassVar

@@ -1,21 +1,23 @@
 """dsv4's fused CPU kernels: C compiled on first use with the system compiler, called through ctypes.
 
 A CPU decode step in eager PyTorch is mostly dispatch and memory traffic of small ops: the mHC
-Sinkhorn loop alone is ~120 tiny kernels per sublayer, and decode attention copies every window row
-and entry it reads into a gathered tensor before two small batched products. The kernels in
-``dsv4_cpu.c`` do that work in one call each (mHC pre/post; sink attention that reads rows straight
-from the KV pool by slot). They serve inference only (no autograd, not batch-invariant), float32 on
-the CPU; every caller keeps its PyTorch path, which is the reference the kernels are tested against.
+Sinkhorn loop alone is ~120 tiny kernels per sublayer, decode attention copies every window row and
+entry it reads into a gathered tensor before two small batched products, and each expert of a decode
+step pays two small BLAS calls and a SwiGLU of several ops. The kernels in ``dsv4_cpu.c`` do such
+work in one call each (:mod:`dsv4.native.kernels` wraps them): mHC pre/post, RMSNorm, RoPE, sink
+attention and indexer scores that read rows straight from the KV pool by slot, block compression,
+the MoE router and routed experts, the pool's slot lookup. They serve inference only (no autograd,
+not batch-invariant), float32 on the CPU; every caller keeps its PyTorch path, which is the
+reference the kernels are tested against.
 
-Building: the first :func:`library` call compiles ``dsv4_cpu.c`` (about a second) into
+Building: the first :func:`library` call compiles ``dsv4_cpu.c`` (about half a second) into
 ``$DSV4_CACHE_DIR`` (default ``~/.cache/dsv4``)``/native/`` (a per-user temporary directory if that
 is not writable), keyed by the source, the flags, the compiler and this CPU, so a cached build is
-never loaded on a machine it was not made for. The
-compiler is ``$CC`` or ``cc``/``gcc``/``clang`` on the ``PATH``. If none works, or ``DSV4_NATIVE=0``,
-:func:`library` returns ``None`` (with the reason in :func:`unavailable_reason`) and every caller
-takes its PyTorch path.
+never loaded on a machine it was not made for. The compiler is ``$CC`` or ``cc``/``gcc``/``clang``
+on the ``PATH``; the fastest flag set that builds is used (without OpenMP, e.g. Apple's clang, the
+kernels run on one thread). If none works, or ``DSV4_NATIVE=0``, :func:`library` returns ``None``
+(with the reason in :func:`unavailable_reason`) and every caller takes its PyTorch path.
 """
-
 from __future__ import annotations
 
 import ctypes

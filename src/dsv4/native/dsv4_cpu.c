@@ -1,10 +1,13 @@
 /* dsv4's fused CPU kernels for inference (float32), called through ctypes by dsv4.native.
  *
  * Each kernel replaces a chain of small PyTorch ops whose dispatch and memory traffic dominate a
- * CPU decode step: the mHC pre/post mixes (spec §4) and sink attention over rows gathered from a
- * paged KV pool (spec §5). The arithmetic is the PyTorch path's in a different summation order;
- * tests compare them. Plain C99 with GCC/Clang vector extensions (no intrinsics): the compiler
- * maps a 16-float vector to one AVX-512 register, two AVX2 registers, or NEON quads.
+ * CPU decode step: sink attention over rows read in place from the paged KV pool, block
+ * compression and lightning-indexer scores (spec §5), the mHC pre/post mixes (§4), RMSNorm and
+ * RoPE (§2, §3), the MoE router and routed experts (§6), and the pool's slot lookup. The arithmetic
+ * is the PyTorch paths' in another summation order; tests compare them. Kernels that index storage
+ * by caller-provided ids check them and return a nonzero status instead of reading out of bounds.
+ * Plain C with GCC/Clang vector extensions (no intrinsics): the compiler maps a 16-float vector to
+ * one AVX-512 register, two AVX2 registers, or NEON quads.
  *
  * Threads: OpenMP, which in a torch process is torch's own runtime (same libgomp soname), so the
  * kernels follow torch.set_num_threads.
