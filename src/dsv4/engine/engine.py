@@ -72,9 +72,10 @@ class EngineConfig(RunConfigModel):
     # rows; the packed copies cost about the weights' memory again). Ignored off the CPU, without
     # MKL, and in batch-invariant mode.
     packed_weights: bool = True
-    # Fused C kernels for CPU inference (dsv4.native: mHC pre/post, and decode attention through the
-    # "cpu" backend that attention_backend="auto" then picks), compiled on first use. Ignored off the
-    # CPU, in batch-invariant mode and where no C compiler works (the PyTorch paths run instead).
+    # Fused C kernels for CPU inference (dsv4.native: mHC, norms, rope and the router in the model;
+    # attention, compression and experts through the "cpu" plugins that "auto" then picks), compiled
+    # on first use. Ignored off the CPU, in batch-invariant mode and where no C compiler works (the
+    # PyTorch paths run instead).
     native_kernels: bool = True
     # Keep large CPU tensors in glibc's heap (process-wide; dsv4.core.runtime): ~1.5x faster long
     # prefills, but ~10 % slower small-tensor RL training, so off unless asked (dsv4 serve/batch do).

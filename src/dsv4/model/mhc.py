@@ -83,7 +83,7 @@ def hc_post(
 ) -> torch.Tensor:
     """New streams ``X'_k = post_k · f + Σ_j comb[j, k] · X_j`` (comb is consumed transposed); ``native``
     as in :func:`hc_pre`."""
-    if native and not invariant and kernels.supports(f, h, post, comb):
+    if native and not invariant and h.shape[-2] <= 16 and kernels.supports(f, h, post, comb):
         return kernels.hc_post(f, h, post, comb)
     comb = comb.to(h.dtype)
     if invariant:  # elementwise: a batched matmul's kernel may change with the number of rows

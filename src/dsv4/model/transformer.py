@@ -267,12 +267,13 @@ class Transformer(nn.Module):
         return enabled
 
     def use_native_kernels(self, enabled: bool = True) -> bool:
-        """Run inference mHC mixes and RMS norms through the fused CPU kernels of :mod:`dsv4.native`.
+        """Run the model's inference mHC mixes, RMS norms, rope and MoE router through the fused CPU
+        kernels of :mod:`dsv4.native`.
 
         Returns whether they are on: they need the kernels built (a C compiler) and are never on in
         batch-invariant mode. Like packed weights they apply only without autograd, to float32 CPU
-        tensors; everything else takes the PyTorch path. (Attention kernels come with the ``"cpu"``
-        attention backend.)
+        tensors; everything else takes the PyTorch path. (Attention, compression and expert kernels
+        come with the ``"cpu"`` attention backend and expert executor.)
         """
         from dsv4.native import available
 
