@@ -190,79 +190,111 @@ int64_t dsv4_sink_attention(int64_t T, int64_t H, int64_t D, const float* q, flo
 
 static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+/* Tokens per block of hc_pre's mixing product: the fn rows loaded for one token serve the block
+ * (fn, 24 rows of n*D, lives in L2: per-token re-reads made the product L2-bound). Four tokens x four
+ * rows is 16 accumulators, which AVX-512's 32 registers hold; two elsewhere. */
+#if defined(__AVX512F__)
+#define HC_TB 4
+#else
+#define HC_TB 2
+#endif
+
+/* hc_pre of one token from its mixing sums m [(2+n)n] (see dsv4_hc_pre). */
+static void hc_pre_token(int64_t n, int64_t D, const float* ht, int64_t st_n, const float* m, const float* base,
+                         const float* scale, float rms_eps, float hc_eps, int64_t iters, float* xt, float* post_t,
+                         float* comb_t) {
+    float ss = 0.f;
+    for (int64_t j = 0; j < n; j++) {
+        const float* hj = ht + j * st_n;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t k = 0; k < D; k++) ss += hj[k] * hj[k];
+    }
+    const float r = 1.0f / sqrtf(ss / (float)(n * D) + rms_eps);
+    float pre[16], c[16 * 16];
+    for (int64_t j = 0; j < n; j++) {
+        pre[j] = sigmoidf(m[j] * r * scale[0] + base[j]) + hc_eps;
+        post_t[j] = 2.0f * sigmoidf(m[n + j] * r * scale[1] + base[n + j]);
+    }
+    for (int64_t a = 0; a < n; a++) {
+        float* ca = c + a * n;
+        float mx = -INFINITY, sum = 0.f;
+        for (int64_t b = 0; b < n; b++) {
+            ca[b] = m[2 * n + a * n + b] * r * scale[2] + base[2 * n + a * n + b];
+            mx = ca[b] > mx ? ca[b] : mx;
+        }
+        for (int64_t b = 0; b < n; b++) sum += (ca[b] = expf(ca[b] - mx));
+        for (int64_t b = 0; b < n; b++) ca[b] = ca[b] / sum + hc_eps;
+    }
+    for (int64_t it = 0; it < iters; it++) {
+        if (it > 0)
+            for (int64_t a = 0; a < n; a++) {
+                float s = 0.f;
+                for (int64_t b = 0; b < n; b++) s += c[a * n + b];
+                s += hc_eps;
+                for (int64_t b = 0; b < n; b++) c[a * n + b] /= s;
+            }
+        for (int64_t b = 0; b < n; b++) {
+            float s = 0.f;
+            for (int64_t a = 0; a < n; a++) s += c[a * n + b];
+            s += hc_eps;
+            for (int64_t a = 0; a < n; a++) c[a * n + b] /= s;
+        }
+    }
+    memcpy(comb_t, c, sizeof(float) * (size_t)(n * n));
+    const float p0 = pre[0];
+#pragma omp simd
+    for (int64_t k = 0; k < D; k++) xt[k] = p0 * ht[k];
+    for (int64_t j = 1; j < n; j++) {
+        const float* hj = ht + j * st_n;
+        const float pj = pre[j];
+#pragma omp simd
+        for (int64_t k = 0; k < D; k++) xt[k] += pj * hj[k];
+    }
+}
+
 /* hc_pre: the mixing product mix_i = flatten(h_t) . fn_i (fn [(2+n)n, n*D]), its RMS scaling, then
  * the sublayer input x [T, D], post [T, n] and the Sinkhorn-normalised comb [T, n, n] (comb[a][b]:
- * row a, column b, as the PyTorch path's [T, n, n]). n <= 16; D a multiple of 16. */
+ * row a, column b, as the PyTorch path's [T, n, n]). n <= 16; D a multiple of 16. Each (token, row)
+ * sum has one accumulation order whatever the blocking: the result does not depend on T. */
 void dsv4_hc_pre(int64_t T, int64_t n, int64_t D, const float* h, int64_t st_t, int64_t st_n, const float* fn,
                  const float* base, const float* scale, float rms_eps, float hc_eps, int64_t iters, float* x,
                  float* post, float* comb) {
-    const int64_t R = (2 + n) * n, C = D / 16;
+    const int64_t R = (2 + n) * n, C = D / 16, blocks = (T + HC_TB - 1) / HC_TB;
     float* zero = (float*)calloc((size_t)(n * D), sizeof(float)); /* stands in for rows past R */
 #pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < T; t++) {
-        const float* ht = h + t * st_t;
-        float m[16 * 18];
-        for (int64_t r0 = 0; r0 < R; r0 += 8) { /* 8 mixing rows at a time, sums by hsum8 */
-            const float* f[8];
-            for (int i = 0; i < 8; i++) f[i] = r0 + i < R ? fn + (r0 + i) * n * D : zero;
-            v16 acc[8];
-            for (int i = 0; i < 8; i++) acc[i] = splat(0.f);
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const float* ht[HC_TB];
+        for (int b = 0; b < HC_TB; b++) { /* a short last block repeats its last token (not stored) */
+            const int64_t t = blk * HC_TB + b < T ? blk * HC_TB + b : T - 1;
+            ht[b] = h + t * st_t;
+        }
+        float m[HC_TB][16 * 18];
+        for (int64_t r0 = 0; r0 < R; r0 += 4) { /* 4 mixing rows x HC_TB tokens, sums by hsum8 */
+            const float* f[4];
+            for (int i = 0; i < 4; i++) f[i] = r0 + i < R ? fn + (r0 + i) * n * D : zero;
+            v16 acc[HC_TB * 4];
+            for (int i = 0; i < HC_TB * 4; i++) acc[i] = splat(0.f);
             for (int64_t j = 0; j < n; j++)
                 for (int64_t c = 0; c < C; c++) {
-                    const v16 hv = ld(ht + j * st_n + 16 * c);
-                    for (int i = 0; i < 8; i++) acc[i] += ld(f[i] + j * D + 16 * c) * hv;
+                    v16 fv[4];
+                    for (int i = 0; i < 4; i++) fv[i] = ld(f[i] + j * D + 16 * c);
+                    for (int b = 0; b < HC_TB; b++) {
+                        const v16 hv = ld(ht[b] + j * st_n + 16 * c);
+                        for (int i = 0; i < 4; i++) acc[4 * b + i] += fv[i] * hv;
+                    }
                 }
-            const v16 sums = hsum8(acc);
-            for (int i = 0; i < 8 && r0 + i < R; i++) m[r0 + i] = sums[i];
-        }
-        float ss = 0.f;
-        for (int64_t j = 0; j < n; j++) {
-            const float* hj = ht + j * st_n;
-#pragma omp simd reduction(+ : ss)
-            for (int64_t k = 0; k < D; k++) ss += hj[k] * hj[k];
-        }
-        const float r = 1.0f / sqrtf(ss / (float)(n * D) + rms_eps);
-        float pre[16], c[16 * 16];
-        for (int64_t j = 0; j < n; j++) {
-            pre[j] = sigmoidf(m[j] * r * scale[0] + base[j]) + hc_eps;
-            post[t * n + j] = 2.0f * sigmoidf(m[n + j] * r * scale[1] + base[n + j]);
-        }
-        for (int64_t a = 0; a < n; a++) {
-            float* ca = c + a * n;
-            float mx = -INFINITY, sum = 0.f;
-            for (int64_t b = 0; b < n; b++) {
-                ca[b] = m[2 * n + a * n + b] * r * scale[2] + base[2 * n + a * n + b];
-                mx = ca[b] > mx ? ca[b] : mx;
-            }
-            for (int64_t b = 0; b < n; b++) sum += (ca[b] = expf(ca[b] - mx));
-            for (int64_t b = 0; b < n; b++) ca[b] = ca[b] / sum + hc_eps;
-        }
-        for (int64_t it = 0; it < iters; it++) {
-            if (it > 0)
-                for (int64_t a = 0; a < n; a++) {
-                    float s = 0.f;
-                    for (int64_t b = 0; b < n; b++) s += c[a * n + b];
-                    s += hc_eps;
-                    for (int64_t b = 0; b < n; b++) c[a * n + b] /= s;
+            for (int g = 0; g < HC_TB * 4; g += 8) {
+                const v16 sums = hsum8(acc + g);
+                for (int k = 0; k < 8; k++) {
+                    const int b = (g + k) / 4, i = (g + k) % 4;
+                    if (r0 + i < R) m[b][r0 + i] = sums[k];
                 }
-            for (int64_t b = 0; b < n; b++) {
-                float s = 0.f;
-                for (int64_t a = 0; a < n; a++) s += c[a * n + b];
-                s += hc_eps;
-                for (int64_t a = 0; a < n; a++) c[a * n + b] /= s;
             }
         }
-        memcpy(comb + t * n * n, c, sizeof(float) * (size_t)(n * n));
-        float* xt = x + t * D;
-        const float* h0 = ht;
-        const float p0 = pre[0];
-#pragma omp simd
-        for (int64_t k = 0; k < D; k++) xt[k] = p0 * h0[k];
-        for (int64_t j = 1; j < n; j++) {
-            const float* hj = ht + j * st_n;
-            const float pj = pre[j];
-#pragma omp simd
-            for (int64_t k = 0; k < D; k++) xt[k] += pj * hj[k];
+        for (int b = 0; b < HC_TB && blk * HC_TB + b < T; b++) {
+            const int64_t t = blk * HC_TB + b;
+            hc_pre_token(n, D, ht[b], st_n, m[b], base, scale, rms_eps, hc_eps, iters, x + t * D, post + t * n,
+                         comb + t * n * n);
         }
     }
     free(zero);
