@@ -65,7 +65,8 @@ def flops_per_token(cfg: ModelConfig, context: int) -> float:
             visible = context // r
             if coff == 2:
                 weights += ql * ni * ci + dim * ni + 2 * 2 * ci * dim
-                attn_flops += 2 * ni * ci * visible  # indexer scores
+                if visible > cfg.index_topk:  # else every entry is picked: nothing to score (dsv4 skips it)
+                    attn_flops += 2 * ni * ci * visible  # indexer scores
                 visible = min(visible, cfg.index_topk)
         attn_flops += 2 * 2 * h * d * (min(context, cfg.sliding_window) + visible)
     return 2.0 * weights + attn_flops

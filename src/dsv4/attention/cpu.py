@@ -7,7 +7,7 @@ into new tensors and running small batched products over them (:mod:`dsv4.native
 
 - decode attention (``sink_attention``): scores, the sink softmax and the weighted sum per token
   over its window rows and selected entries;
-- the lightning indexer's scores over the visible keys (``index_scores``; top-k stays PyTorch);
+- the lightning indexer's scores over the visible keys (``index_scores``; top-k stays PyTorch; both skipped while every visible entry is picked);
 - block compression of the blocks closing in the step (``compress_entries``; with fake
   quantisation the reference's arithmetic is kept).
 
@@ -70,7 +70,10 @@ class CpuAttentionBackend(ReferenceAttentionBackend):
             or not kernels.supports(rows, compressor.ape, compressor.norm.weight)
         ):
             return super()._compress_entries(rows, slots, rp, compressor)
-        cis = rope_cis(rp.emit_block * rp.ratio, compressor.inv_freq)
+        key = ("cis", id(compressor.inv_freq))  # the same for every layer of this ratio in the step
+        cis = rp.derived.get(key)
+        if cis is None:
+            cis = rp.derived[key] = rope_cis(rp.emit_block * rp.ratio, compressor.inv_freq)
         return kernels.compress_entries(
             rows, slots, rp.emit_valid, ape=compressor.ape, norm_weight=compressor.norm.weight,
             eps=compressor.norm.eps, cis=cis, overlap=compressor.overlap,
@@ -97,5 +100,12 @@ class CpuAttentionBackend(ReferenceAttentionBackend):
             or not kernels.supports(q, weights, keys)
         ):
             return super()._indexer_topk(q, weights, keys, rows, valid, topk, replay, training_objective)
+        n = valid.shape[1]
+        if topk >= n and replay is None:
+            # Every visible entry is picked (contexts under topk · ratio tokens): attention over a set
+            # does not depend on the order of its picks, so the scores need not be computed or sorted.
+            # (Their values only feed the indexer's training objective, which is not computed here.)
+            top = torch.arange(n, device=valid.device).expand(valid.shape[0], n)
+            return top, valid, torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
         index = kernels.index_scores(q, weights.float(), keys, rows, valid)
         return ops.select_topk(index, valid, topk, replay)

@@ -56,6 +56,7 @@ class _RatioPlan:
     emit_valid: torch.Tensor  # [E, coff*m]
     visible: torch.Tensor  # [Tg, N] logical entry index read by each gather-path token
     visible_valid: torch.Tensor  # [Tg, N]
+    derived: dict[Any, torch.Tensor] = field(default_factory=dict)  # per-step values a backend reuses across layers
 
 
 @dataclass(slots=True)
