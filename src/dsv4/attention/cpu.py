@@ -70,7 +70,9 @@ class CpuAttentionBackend(ReferenceAttentionBackend):
             or not kernels.supports(rows, compressor.ape, compressor.norm.weight)
         ):
             return super()._compress_entries(rows, slots, rp, compressor)
-        key = ("cis", id(compressor.inv_freq))  # the same for every layer of this ratio in the step
+        # Keyed by the frequencies' values: every compressor of this ratio (each owns a copy of the
+        # same table) then shares one rope table per step.
+        key = ("cis", tuple(compressor.inv_freq.tolist()))
         cis = rp.derived.get(key)
         if cis is None:
             cis = rp.derived[key] = rope_cis(rp.emit_block * rp.ratio, compressor.inv_freq)
