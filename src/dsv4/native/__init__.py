@@ -35,7 +35,7 @@ from loguru import logger
 
 __all__ = ["ABI", "available", "cache_dir", "library", "unavailable_reason"]
 
-ABI = 2  # must equal DSV4_NATIVE_ABI in dsv4_cpu.c
+ABI = 3  # must equal DSV4_NATIVE_ABI in dsv4_cpu.c
 # Tried in order: the fastest build first; -march=native or -fopenmp may be unsupported
 # (e.g. Apple's clang has no OpenMP: the kernels then run on one thread).
 _FLAG_SETS = (
@@ -169,6 +169,8 @@ def _declare(lib: ctypes.CDLL) -> None:
                                 i64),
         "dsv4_hc_pre": ([i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr, f32, f32, i64, ptr, ptr, ptr], None),
         "dsv4_hc_post": ([i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr], None),
+        "dsv4_sinkhorn": ([i64, i64, i64, f32, ptr, ptr, ptr], None),
+        "dsv4_sinkhorn_backward": ([i64, i64, i64, f32, ptr, ptr, ptr, ptr], None),
         "dsv4_rms_norm": ([i64, i64, ptr, i64, ptr, f32, ptr], None),
         "dsv4_moe_experts": ([i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, f32, ptr], i64),
         "dsv4_moe_gate": ([i64, i64, i64, ptr, ptr, ptr, i32, i64, ptr, f32, ptr, ptr], i64),

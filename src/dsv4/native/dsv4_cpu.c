@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define DSV4_NATIVE_ABI 2
+#define DSV4_NATIVE_ABI 3
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
@@ -298,6 +298,91 @@ void dsv4_hc_pre(int64_t T, int64_t n, int64_t D, const float* h, int64_t st_t, 
         }
     }
     free(zero);
+}
+
+/* Sinkhorn-Knopp of hc_pre for training, forward and backward, in PyTorch's own arithmetic: the
+ * same elementwise operations and sums in the same order as the autograd graph of the loop in
+ * dsv4.model.mhc (comb / (comb.sum(dim) + eps), columns first, 2*iters-1 normalisations), so the
+ * values and the gradients equal autograd's bit for bit (tests compare them with torch.equal). No
+ * product may be fused into an add here: contraction is off for these two functions. */
+#if defined(__clang__)
+#define DSV4_EXACT _Pragma("clang fp contract(off)")
+#define DSV4_EXACT_FN
+#else
+#define DSV4_EXACT
+#define DSV4_EXACT_FN __attribute__((optimize("fp-contract=off")))
+#endif
+
+/* One normalisation of an n x n matrix c (row-major, c[a*n+b]): dim 0 divides every column b by
+ * (sum_a c[a][b]) + eps, dim 1 every row a by (sum_b c[a][b]) + eps. */
+static inline void sinkhorn_half(int64_t n, int dim, float eps, const float* c, float* out) {
+    DSV4_EXACT
+    float s[16];
+    for (int64_t i = 0; i < n; i++) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < n; j++) acc += dim == 0 ? c[j * n + i] : c[i * n + j];
+        s[i] = acc + eps;
+    }
+    for (int64_t a = 0; a < n; a++)
+        for (int64_t b = 0; b < n; b++) out[a * n + b] = c[a * n + b] / s[dim == 0 ? b : a];
+}
+
+/* comb [T, n, n] -> out [T, n, n] after 2*iters-1 normalisations; saved (or NULL: inference) gets
+ * the input of every normalisation after the first ([2*iters-2, T, n, n]) for the backward. */
+DSV4_EXACT_FN void dsv4_sinkhorn(int64_t T, int64_t n, int64_t iters, float eps, const float* comb, float* out,
+                                 float* saved) {
+    const int64_t steps = 2 * iters - 1, nn = n * n;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        float a[256], b[256];
+        const float* in = comb + t * nn;
+        for (int64_t k = 0; k < steps; k++) {
+            float* dst = k == steps - 1 ? out + t * nn : (k % 2 ? b : a);
+            sinkhorn_half(n, k % 2 ? 1 : 0, eps, in, dst);
+            if (saved && k < steps - 1) memcpy(saved + (k * T + t) * nn, dst, sizeof(float) * (size_t)nn);
+            in = dst;
+        }
+    }
+}
+
+/* The gradient of dsv4_sinkhorn: grad_out [T, n, n] -> grad_in. For each normalisation y = x / s,
+ * s = sum(x) + eps, from last to first, as autograd's DivBackward, SumBackward and the accumulation
+ * of x's two uses compute it: g_x = g / s + sum(-g * ((x / s) / s)) (the sum over the normalised
+ * dimension, broadcast back). */
+DSV4_EXACT_FN void dsv4_sinkhorn_backward(int64_t T, int64_t n, int64_t iters, float eps, const float* comb,
+                                          const float* saved, const float* grad_out, float* grad_in) {
+    const int64_t steps = 2 * iters - 1, nn = n * n;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        DSV4_EXACT
+        float g[256], s[16], gs[16];
+        memcpy(g, grad_out + t * nn, sizeof(float) * (size_t)nn);
+        for (int64_t k = steps - 1; k >= 0; k--) {
+            const float* x = k == 0 ? comb + t * nn : saved + ((k - 1) * T + t) * nn;
+            const int dim = k % 2 ? 1 : 0;
+            for (int64_t i = 0; i < n; i++) {
+                float acc = 0.f;
+                for (int64_t j = 0; j < n; j++) acc += dim == 0 ? x[j * n + i] : x[i * n + j];
+                s[i] = acc + eps;
+            }
+            for (int64_t i = 0; i < n; i++) {
+                float acc = 0.f;
+                for (int64_t j = 0; j < n; j++) {
+                    const int64_t e = dim == 0 ? j * n + i : i * n + j;
+                    const float q = (x[e] / s[i]) / s[i];
+                    const float p = -g[e] * q;
+                    acc += p;
+                }
+                gs[i] = acc;
+            }
+            for (int64_t a = 0; a < n; a++)
+                for (int64_t b = 0; b < n; b++) {
+                    const int64_t i = dim == 0 ? b : a;
+                    g[a * n + b] = g[a * n + b] / s[i] + gs[i];
+                }
+        }
+        memcpy(grad_in + t * nn, g, sizeof(float) * (size_t)nn);
+    }
 }
 
 /* New streams out[t, k] = post[t, k] f[t] + sum_j comb[t, j, k] h[t, j]; f [T, D] and out [T, n, D]

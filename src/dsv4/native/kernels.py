@@ -24,6 +24,8 @@ __all__ = [
     "rms_norm",
     "rope",
     "sink_attention",
+    "sinkhorn",
+    "sinkhorn_backward",
     "slots",
     "supports",
 ]
@@ -140,6 +142,45 @@ def hc_pre(
         float(rms_eps), float(hc_eps), int(sinkhorn_iters), x.data_ptr(), post.data_ptr(), comb.data_ptr(),
     )
     return x, post, comb
+
+
+def _sinkhorn_args(comb: torch.Tensor, iters: int) -> tuple[torch.Tensor, int, int]:
+    _check("comb", comb)
+    if comb.dim() != 3 or comb.shape[1] != comb.shape[2] or not 1 <= comb.shape[1] <= _MAX_STREAMS:
+        raise ValueError(f"sinkhorn: comb must be [T, n, n] with n <= {_MAX_STREAMS}, got {tuple(comb.shape)}")
+    if iters < 1:
+        raise ValueError(f"sinkhorn: iters must be >= 1, got {iters}")
+    return comb.contiguous(), comb.shape[0], comb.shape[1]
+
+
+def sinkhorn(comb: torch.Tensor, iters: int, eps: float, *, save: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Sinkhorn-Knopp loop of :func:`dsv4.model.mhc.hc_pre` over ``comb [T, n, n]`` (columns first,
+    ``2·iters − 1`` normalisations), bit for bit PyTorch's arithmetic. With ``save``, also the inputs of
+    the normalisations after the first (``[2·iters − 2, T, n, n]``) that :func:`sinkhorn_backward` needs."""
+    comb, t, n = _sinkhorn_args(comb, iters)
+    out = torch.empty_like(comb)
+    saved = comb.new_empty(2 * iters - 2, t, n, n) if save else None
+    _lib().dsv4_sinkhorn(t, n, int(iters), float(eps), comb.data_ptr(), out.data_ptr(),
+                         saved.data_ptr() if saved is not None else None)
+    return out, saved
+
+
+def sinkhorn_backward(
+    comb: torch.Tensor, saved: torch.Tensor, grad_out: torch.Tensor, iters: int, eps: float
+) -> torch.Tensor:
+    """The gradient of :func:`sinkhorn` with respect to ``comb``, bit for bit what autograd computes
+    through the PyTorch loop."""
+    comb, t, n = _sinkhorn_args(comb, iters)
+    _check("saved", saved)
+    _check("grad_out", grad_out)
+    if tuple(saved.shape) != (2 * iters - 2, t, n, n) or grad_out.shape != comb.shape:
+        raise ValueError(f"sinkhorn_backward: saved {tuple(saved.shape)} and grad_out {tuple(grad_out.shape)} "
+                         f"do not fit comb {tuple(comb.shape)} and {iters} iterations")
+    saved, grad_out = saved.contiguous(), grad_out.contiguous()
+    grad_in = torch.empty_like(comb)
+    _lib().dsv4_sinkhorn_backward(t, n, int(iters), float(eps), comb.data_ptr(), saved.data_ptr(),
+                                  grad_out.data_ptr(), grad_in.data_ptr())
+    return grad_in
 
 
 def hc_post(f: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
