@@ -8,7 +8,9 @@ work in one call each (:mod:`dsv4.native.kernels` wraps them): mHC pre/post, RMS
 attention and indexer scores that read rows straight from the KV pool by slot, block compression,
 the MoE router and routed experts, the pool's slot lookup. They serve inference only (no autograd,
 not batch-invariant), float32 on the CPU; every caller keeps its PyTorch path, which is the
-reference the kernels are tested against.
+reference the kernels are tested against. The exception is the Sinkhorn loop of training
+(forward and backward): those two kernels repeat PyTorch's arithmetic bit for bit, so they serve
+autograd and batch-invariant mode too (:func:`dsv4.model.mhc.sinkhorn`).
 
 Building: the first :func:`library` call compiles ``dsv4_cpu.c`` (about half a second) into
 ``$DSV4_CACHE_DIR`` (default ``~/.cache/dsv4``)``/native/`` (a per-user temporary directory if that

@@ -1,10 +1,12 @@
-/* dsv4's fused CPU kernels for inference (float32), called through ctypes by dsv4.native.
+/* dsv4's fused CPU kernels (float32), called through ctypes by dsv4.native: for inference, and the
+ * mHC Sinkhorn's forward and backward for training too (bit for bit PyTorch's arithmetic).
  *
  * Each kernel replaces a chain of small PyTorch ops whose dispatch and memory traffic dominate a
  * CPU decode step: sink attention over rows read in place from the paged KV pool, block
  * compression and lightning-indexer scores (spec §5), the mHC pre/post mixes (§4), RMSNorm and
  * RoPE (§2, §3), the MoE router and routed experts (§6), and the pool's slot lookup. The arithmetic
- * is the PyTorch paths' in another summation order; tests compare them. Kernels that index storage
+ * is the PyTorch paths' in another summation order; tests compare them. (The Sinkhorn kernels keep
+ * PyTorch's order exactly.) Kernels that index storage
  * by caller-provided ids check them and return a nonzero status instead of reading out of bounds.
  * Plain C with GCC/Clang vector extensions (no intrinsics): the compiler maps a 16-float vector to
  * one AVX-512 register, two AVX2 registers, or NEON quads.
