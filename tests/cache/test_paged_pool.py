@@ -28,7 +28,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.lengths: dict[int, int] = {}
         self.rows: dict[tuple[int, str, int], float] = {}  # (rid, stream, row) -> value written
 
-    @rule(rid=st.integers(0, 7), n=st.integers(1, 40))
+    @rule(rid=st.integers(0, 11), n=st.integers(1, 40))
     def extend(self, rid: int, n: int) -> None:
         """add (new rid) or extend a request by n tokens, write its new rows, drop what it no longer reads."""
         old = self.lengths.get(rid, 0)
@@ -56,6 +56,20 @@ class PoolMachine(RuleBasedStateMachine):
         self.pool.release(rid)
         del self.lengths[rid]
         self.rows = {k: v for k, v in self.rows.items() if k[0] != rid}
+
+    @precondition(lambda self: self.lengths)
+    @rule(data=st.data(), dst=st.integers(8, 11))
+    def fork(self, data: st.DataObject, dst: int) -> None:
+        """A request (a sample of a prompt prefilled once) starts from a copy of another's cache."""
+        if dst in self.lengths:
+            return
+        src = data.draw(st.sampled_from(sorted(self.lengths)))
+        try:
+            self.pool.fork(src, dst)
+        except PoolExhausted:
+            return  # the pool must be unchanged: checked by the invariants
+        self.lengths[dst] = self.lengths[src]
+        self.rows.update({(dst, s, r): v for (rid, s, r), v in self.rows.items() if rid == src})
 
     @invariant()
     def pages_conserved(self) -> None:

@@ -208,3 +208,73 @@ def test_engine_serves_synced_weights_not_stale_packed_copies(model_dir: Path) -
             lp = torch.log_softmax(other(torch.tensor([prompt + seq.token_ids]))[0], -1)
         for k, tok in enumerate(seq.token_ids):
             assert abs(seq.logprobs[k][tok].logprob - lp[len(prompt) + k - 1, tok].item()) <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- n > 1
+def _samples(model_dir: Path, share: bool, prompts: list[list[int]], params: SamplingParams, **options: object):
+    engine = Engine(model_dir, share_prompt=share, **options)
+    outs = engine.generate(prompts, params)
+    assert all(engine.pool.pages_used(s) == 0 for s in engine.pool.streams)  # type: ignore[attr-defined]
+    return engine, outs
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(max_num_batched_tokens=7, page_size=2), dict(max_num_batched_tokens=12, max_num_seqs=5,
+                                                               page_size=2, kv_cache_tokens=90)],
+    ids=["roomy", "tiny-chunks", "preemption"],
+)
+def test_a_prompt_sampled_n_times_is_prefilled_once_with_the_same_results(model_dir: Path, options: dict) -> None:
+    """share_prompt copies the prompt's KV (window past its recycling, compressed entries, open blocks)
+    into the other samples: in batch-invariant numerics every token, logprob and routing record equals
+    what each sample prefilling the prompt itself gives."""
+    prompts = [_prompts(1, seed=3)[0] * 2, [9, 10, 11], [40]]  # 2-90 tokens: past the window of 8, many blocks
+    params = SamplingParams(n=4, temperature=1.0, seed=11, max_tokens=9, ignore_eos=True, logprobs=2)
+    opts = dict(batch_invariant=True, return_token_logprobs=True, record_routing=True, **options)
+    shared_engine, shared = _samples(model_dir, True, prompts, params, **opts)
+    alone_engine, alone = _samples(model_dir, False, prompts, params, **opts)
+    for a, b in zip(shared, alone, strict=True):
+        for x, y in zip(a.outputs, b.outputs, strict=True):
+            assert x.token_ids == y.token_ids and x.token_logprobs == y.token_logprobs
+            assert x.logprobs == y.logprobs
+            assert x.routing is not None and y.routing is not None
+            for got, want in ((x.routing.experts, y.routing.experts), (x.routing.indexer, y.routing.indexer)):
+                assert got.keys() == want.keys()
+                assert all(torch.equal(got[k], want[k]) for k in got)
+    assert len({tuple(o.token_ids) for o in shared[0].outputs}) > 1
+    if "kv_cache_tokens" not in options:  # (preemption recomputes prompts, so counts differ there)
+        per_prompt = sum(len(p) for p in prompts)
+        assert shared_engine.stats["prompt_tokens"] == per_prompt
+        assert alone_engine.stats["prompt_tokens"] == 4 * per_prompt
+
+
+def test_shared_prompts_greedy_equals_recompute_on_the_fast_paths(model_dir: Path, ref_model: Transformer) -> None:
+    prompts = _prompts(4, seed=5)
+    params = SamplingParams(n=3, temperature=0, max_tokens=10, ignore_eos=True)
+    _, outs = _samples(model_dir, True, prompts, params, max_num_batched_tokens=16)
+    for prompt, out in zip(prompts, outs, strict=True):
+        want = _reference(ref_model, prompt, 10)
+        assert [o.token_ids for o in out.outputs] == [want] * 3
+
+
+def test_abort_before_the_shared_prompt_is_prefilled(model_dir: Path) -> None:
+    engine = Engine(model_dir, max_num_batched_tokens=8)
+    engine.add_request([7] * 30, SamplingParams(n=3, max_tokens=5), request_id="a")
+    engine.add_request([8] * 5, SamplingParams(n=2, max_tokens=3, ignore_eos=True), request_id="b")
+    engine.step()
+    final = engine.abort("a")
+    assert final is not None and [o.finish_reason for o in final.outputs] == ["abort"] * 3
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert [len(o.token_ids) for o in outs[-1].outputs] == [3, 3]
+    assert all(engine.pool.pages_used(s) == 0 for s in engine.pool.streams)  # type: ignore[attr-defined]
+
+
+def test_samples_that_find_no_pages_prefill_themselves(model_dir: Path) -> None:
+    """A pool too small to copy the prompt's cache at once: the samples queue and prefill later."""
+    params = SamplingParams(n=4, temperature=0, max_tokens=4, ignore_eos=True)
+    prompt = _prompts(1, seed=8)[0] * 2
+    _, shared = _samples(model_dir, True, [prompt], params, max_num_seqs=2, page_size=2, kv_cache_tokens=110)
+    _, alone = _samples(model_dir, False, [prompt], params, max_num_seqs=2, page_size=2, kv_cache_tokens=110)
+    assert [o.token_ids for o in shared[0].outputs] == [o.token_ids for o in alone[0].outputs]

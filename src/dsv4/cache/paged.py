@@ -31,7 +31,7 @@ class PagedKVPool:
     """Paged storage for every stream of an attention backend's KV layout."""
 
     name: ClassVar[str] = "paged"
-    capabilities: ClassVar[frozenset[str]] = frozenset({"paged", "window_recycling"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"paged", "window_recycling", "fork"})
 
     def __init__(
         self,
@@ -158,6 +158,37 @@ class PagedKVPool:
         if num_tokens is None and rid in self._rows:
             self._free_rows.append(self._rows.pop(rid))
             self._rows_cache = None
+
+    def fork(self, src: int, dst: int) -> None:
+        """Give ``dst`` (a request with no pages) a copy of ``src``'s cache: in every stream, pages of
+        its own holding the same rows in every layer, and the same released prefix. Raises
+        :class:`PoolExhausted` (pool unchanged) when a stream lacks the pages."""
+        if any(dst in tables for tables in self._tables.values()):
+            raise ValueError(f"fork: request {dst} already holds pages")
+        for name in self.streams:
+            live = sum(p != _FREED for p in self._tables[name].get(src, ()))
+            if live > len(self._free[name]):
+                raise PoolExhausted(f"stream {name!r}: forking request {src} needs {live} pages, "
+                                    f"{len(self._free[name])} free")
+        row = self._row_of(dst)
+        for name, spec in self.streams.items():
+            table = self._tables[name].get(src)
+            if table is None:
+                continue
+            copy = [_FREED if p == _FREED else self._free[name].pop() for p in table]
+            self._tables[name][dst] = copy
+            if src in self._released[name]:
+                self._released[name][dst] = self._released[name][src]
+            pt = self._grow(name, row + 1, len(copy))
+            pt[row, : len(copy)] = [0 if p == _FREED else p for p in copy]
+            pairs = [(a, b) for a, b in zip(table, copy, strict=True) if a != _FREED]
+            if pairs:
+                lane = torch.arange(self.page_size)
+                pages = torch.tensor(pairs, dtype=torch.long) * self.page_size  # [live, 2] first rows
+                src_rows, dst_rows = ((pages[:, i : i + 1] + lane).flatten() for i in (0, 1))
+                for layer in spec.layers:
+                    buf = self._buffers[(layer, name)]
+                    buf[dst_rows.to(buf.device)] = buf[src_rows.to(buf.device)]
 
     def _row_of(self, rid: int) -> int:
         if rid not in self._rows:

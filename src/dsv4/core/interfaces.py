@@ -232,6 +232,11 @@ class KVPool(Protocol):
         """Bytes of ``stream`` held by requests, across all its layers."""
         ...
 
+    # Pools with the "fork" capability also have
+    #   fork(src: int, dst: int) -> None
+    # which gives ``dst`` (holding no pages) a copy of every row ``src`` may still read, raising
+    # MemoryError (pool unchanged) when pages run out: the engine prefills a prompt sampled n times once.
+
 
 # --------------------------------------------------------------------------------------------------
 # Experts
@@ -327,6 +332,11 @@ class Scheduler(Protocol):
     def has_work(self) -> bool:
         """Whether any request is waiting or running."""
         ...
+
+    # Schedulers with the "fork" capability also have
+    #   adopt(request: Any) -> bool
+    # which runs a request that already holds its KV cache (a sample given a copy of its prompt's)
+    # from the next step on, or returns False (nothing changed) when the running set is full.
 
 
 #: The interfaces by the hook-friendly kind name used in the registry.

@@ -77,6 +77,9 @@ class EngineConfig(RunConfigModel):
     # on first use. Ignored off the CPU, in batch-invariant mode and where no C compiler works (the
     # PyTorch paths run instead).
     native_kernels: bool = True
+    # n > 1: prefill the prompt once and give the other samples a copy of its KV cache (pools with
+    # the "fork" capability); off: every sample prefills the prompt itself.
+    share_prompt: bool = True
     # Keep large CPU tensors in glibc's heap (process-wide; dsv4.core.runtime): ~1.5x faster long
     # prefills, but ~10 % slower small-tensor RL training, so off unless asked (dsv4 serve/batch do).
     tune_allocator: bool = False
@@ -144,6 +147,10 @@ class Engine:
         )
         self.sampler = Sampler(eos_token_ids=sorted(self.eos_token_ids), token_logprobs=config.return_token_logprobs)
         self.requests: dict[str, Request] = {}
+        # Samples of a prompt waiting for its first sample to prefill it (see share_prompt): leader seq_id -> rest
+        self._share_prompt = (config.share_prompt and "fork" in self.pool.capabilities
+                              and "fork" in self.scheduler.capabilities)
+        self._forks: dict[int, list[Sequence]] = {}
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         self._request_ids = itertools.count()
@@ -220,7 +227,12 @@ class Engine:
                 logprobs=[] if params.logprobs is not None else None,
             )
             req.seqs.append(seq)
-            self.scheduler.add(seq)
+        if self._share_prompt and len(req.seqs) > 1:
+            self.scheduler.add(req.seqs[0])
+            self._forks[req.seqs[0].seq_id] = req.seqs[1:]
+        else:
+            for seq in req.seqs:
+                self.scheduler.add(seq)
         self.requests[rid] = req
         return req
 
@@ -243,6 +255,7 @@ class Engine:
         if req is None:
             return None
         req.aborted = True
+        self._forks.pop(req.seqs[0].seq_id, None)
         for seq in self.scheduler.abort(request_id):
             seq.finish_reason = seq.finish_reason or "abort"
         for seq in req.seqs:
@@ -303,6 +316,11 @@ class Engine:
                 self.stats["prompt_tokens"] += n
         touched: dict[str, Request] = {}
         sampled = [plan.items[i][0] for i in sample]
+        forked = self._fork_samples(sampled, now) if self._forks else []
+        if forked:  # they sample their first token from their leader's logits
+            rows = [k for k, _ in forked]
+            logits = torch.cat((logits, logits[rows]))
+            sampled += [sib for _, sib in forked]
         if sampled:
             result = self.sampler.sample(logits, [s.sampling for s in sampled])
             if self.model.invariant and self.config.return_token_logprobs:
@@ -313,7 +331,7 @@ class Engine:
             for k, seq in enumerate(sampled):
                 self._append(seq, result.tokens[k], result.logprobs[k], result.chosen_logprob[k], now)
                 touched[seq.request.request_id] = seq.request
-        for seq, _ in plan.items:
+        for seq in itertools.chain((s for s, _ in plan.items), (s for _, s in forked)):
             if not seq.finished:
                 self.pool.release(seq.seq_id, seq.num_computed)  # recycle what the window left behind
         outputs = []
@@ -323,6 +341,32 @@ class Engine:
                 self.requests.pop(req.request_id, None)
             outputs.append(req.output())
         return outputs
+
+    def _fork_samples(self, sampled: list[Sequence], now: float) -> list[tuple[int, Sequence]]:
+        """Samples whose leader (``sampled[k]``) just computed their shared prompt: each gets a copy of
+        the leader's KV cache and routing records and joins the running set. Returns ``(k, sample)``
+        pairs; a sample without pages or a running slot is queued to prefill the prompt itself (a
+        waiting sequence never holds pages, so preemption can always make room)."""
+        forked = []
+        for k, leader in enumerate(sampled):
+            if leader.num_computed != len(leader.prompt_ids) or leader.seq_id not in self._forks:
+                continue
+            for sib in self._forks.pop(leader.seq_id):
+                try:
+                    self.pool.fork(leader.seq_id, sib.seq_id)  # type: ignore[attr-defined]
+                except MemoryError:
+                    self.scheduler.add(sib)
+                    continue
+                if not self.scheduler.adopt(sib):  # type: ignore[attr-defined]
+                    self.pool.release(sib.seq_id)
+                    self.scheduler.add(sib)
+                    continue
+                sib.num_computed = leader.num_computed
+                sib.routing_experts = {layer: list(v) for layer, v in leader.routing_experts.items()}
+                sib.routing_indexer = {layer: list(v) for layer, v in leader.routing_indexer.items()}
+                sib.request.metrics.first_scheduled = sib.request.metrics.first_scheduled or now
+                forked.append((k, sib))
+        return forked
 
     def _append(self, seq: Sequence, token: int, logprobs: Any, chosen: float, now: float) -> None:
         params = seq.request.params

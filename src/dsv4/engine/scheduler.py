@@ -41,7 +41,7 @@ class FCFSScheduler:
     """
 
     name: ClassVar[str] = "fcfs"
-    capabilities: ClassVar[frozenset[str]] = frozenset({"continuous_batching", "chunked_prefill", "preemption"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"continuous_batching", "chunked_prefill", "preemption", "fork"})
 
     def __init__(
         self,
@@ -70,10 +70,25 @@ class FCFSScheduler:
 
     # ------------------------------------------------------------------------------------------
     def add(self, request: Any) -> None:
-        """Queue a new sequence (``request`` is a :class:`Sequence`)."""
+        """Queue a sequence (``request`` is a :class:`Sequence`) in arrival order: a new request's
+        go last, a sample of an earlier request that could not share its prompt's cache goes before
+        later arrivals."""
         seq: Sequence = request
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        if not self.waiting or _arrival(seq) >= _arrival(self.waiting[-1]):
+            self.waiting.append(seq)
+        else:
+            self.waiting.insert(bisect.bisect(self.waiting, _arrival(seq), key=_arrival), seq)
+
+    def adopt(self, request: Any) -> bool:
+        """Run a sequence that already holds its KV cache (a sample given a copy of its prompt's) from
+        the next step on, if the running set has room; ``False`` (nothing changed) if it is full."""
+        seq: Sequence = request
+        if len(self.running) >= self.max_num_seqs:
+            return False
+        seq.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, seq, key=_arrival)
+        return True
 
     def abort(self, request_id: str) -> list[Sequence]:
         """Drop every sequence of ``request_id``; their pages are freed. Returns them."""

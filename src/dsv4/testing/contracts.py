@@ -82,16 +82,36 @@ def check_expert_executor(cls: type[Any], *, atol: float = 1e-5) -> None:
 
 
 def check_kv_pool(cls: type[Any], *, steps: int = 300, seed: int = 0) -> None:
-    """Random reserve / release sequences never leak pages, never give two live rows one slot, and
-    keep every row a request may still read addressable."""
+    """Random reserve / release (and, for pools with the ``"fork"`` capability, fork) sequences never
+    leak pages, never give two live rows one slot, keep every row a request may still read
+    addressable, and a fork copies every row its source may still read."""
     streams = [StreamSpec("win", 4, (0, 1), keep=5), StreamSpec("ent", 4, (0,), ratio=4)]
     pool = cls(streams, {"win": 12, "ent": 6}, page_size=2)
     total = {s.name: pool.pages_used(s.name) + pool.pages_free(s.name) for s in streams}
     rng = random.Random(seed)
     lengths: dict[int, int] = {}
+    forks = "fork" in cls.capabilities
     for _ in range(steps):
         rid = rng.randrange(6)
-        if rng.random() < 0.6:
+        if forks and lengths and rid not in lengths and rng.random() < 0.2:
+            src = rng.choice(sorted(lengths))
+            for s in streams:  # mark the source's live rows, to see them copied
+                rows = torch.arange(s.keep_from(lengths[src]), s.length(lengths[src]))
+                slots = pool.slots(s.name, [src], torch.zeros_like(rows), rows)
+                for layer in s.layers:
+                    pool.buffer(layer, s.name)[slots] = (src * 1000 + rows).float().unsqueeze(1)
+            try:
+                pool.fork(src, rid)
+            except MemoryError:
+                continue
+            lengths[rid] = lengths[src]
+            for s in streams:
+                rows = torch.arange(s.keep_from(lengths[rid]), s.length(lengths[rid]))
+                slots = pool.slots(s.name, [rid], torch.zeros_like(rows), rows)
+                for layer in s.layers:
+                    got = pool.buffer(layer, s.name)[slots, 0]
+                    assert torch.equal(got, (src * 1000 + rows).float()), f"{s.name}: fork lost a row"
+        elif rng.random() < 0.6:
             n = lengths.get(rid, 0) + rng.randint(1, 5)
             try:
                 pool.reserve(rid, n)
