@@ -147,9 +147,9 @@ class Engine:
         )
         self.sampler = Sampler(eos_token_ids=sorted(self.eos_token_ids), token_logprobs=config.return_token_logprobs)
         self.requests: dict[str, Request] = {}
-        # Samples of a prompt waiting for its first sample to prefill it (see share_prompt): leader seq_id -> rest
         self._share_prompt = (config.share_prompt and "fork" in self.pool.capabilities
                               and "fork" in self.scheduler.capabilities)
+        # Samples waiting for their first sample to prefill the prompt (share_prompt): leader seq_id -> rest
         self._forks: dict[int, list[Sequence]] = {}
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
@@ -316,7 +316,7 @@ class Engine:
                 self.stats["prompt_tokens"] += n
         touched: dict[str, Request] = {}
         sampled = [plan.items[i][0] for i in sample]
-        forked = self._fork_samples(sampled, now) if self._forks else []
+        forked = self._fork_samples(sampled) if self._forks else []
         if forked:  # they sample their first token from their leader's logits
             rows = [k for k, _ in forked]
             logits = torch.cat((logits, logits[rows]))
@@ -342,7 +342,7 @@ class Engine:
             outputs.append(req.output())
         return outputs
 
-    def _fork_samples(self, sampled: list[Sequence], now: float) -> list[tuple[int, Sequence]]:
+    def _fork_samples(self, sampled: list[Sequence]) -> list[tuple[int, Sequence]]:
         """Samples whose leader (``sampled[k]``) just computed their shared prompt: each gets a copy of
         the leader's KV cache and routing records and joins the running set. Returns ``(k, sample)``
         pairs; a sample without pages or a running slot is queued to prefill the prompt itself (a
@@ -364,7 +364,6 @@ class Engine:
                 sib.num_computed = leader.num_computed
                 sib.routing_experts = {layer: list(v) for layer, v in leader.routing_experts.items()}
                 sib.routing_indexer = {layer: list(v) for layer, v in leader.routing_indexer.items()}
-                sib.request.metrics.first_scheduled = sib.request.metrics.first_scheduled or now
                 forked.append((k, sib))
         return forked
 
