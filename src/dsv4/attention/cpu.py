@@ -7,7 +7,8 @@ into new tensors and running small batched products over them (:mod:`dsv4.native
 
 - decode attention (``sink_attention``): scores, the sink softmax and the weighted sum per token
   over its window rows and selected entries;
-- the lightning indexer's scores over the visible keys (``index_scores``; top-k stays PyTorch; both skipped while every visible entry is picked);
+- the lightning indexer's scores over the visible keys (``index_scores``; top-k stays PyTorch;
+  both are skipped while every visible entry is picked);
 - block compression of the blocks closing in the step (``compress_entries``; with fake
   quantisation the reference's arithmetic is kept).
 
