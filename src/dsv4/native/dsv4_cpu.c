@@ -201,6 +201,34 @@ static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 #define HC_TB 2
 #endif
 
+/* Sinkhorn-Knopp of hc_pre for training, forward and backward, in PyTorch's own arithmetic: the
+ * same elementwise operations and sums in the same order as the autograd graph of the loop in
+ * dsv4.model.mhc (comb / (comb.sum(dim) + eps), columns first, 2*iters-1 normalisations), so the
+ * values and the gradients equal autograd's bit for bit (tests compare them with torch.equal). No
+ * product may be fused into an add here: contraction is off for these two functions. The
+ * inference hc_pre below runs the same normalisations. */
+#if defined(__clang__)
+#define DSV4_EXACT _Pragma("clang fp contract(off)")
+#define DSV4_EXACT_FN
+#else
+#define DSV4_EXACT
+#define DSV4_EXACT_FN __attribute__((optimize("fp-contract=off")))
+#endif
+
+/* One normalisation of an n x n matrix c (row-major, c[a*n+b]): dim 0 divides every column b by
+ * (sum_a c[a][b]) + eps, dim 1 every row a by (sum_b c[a][b]) + eps; out may be c. */
+static inline void sinkhorn_half(int64_t n, int dim, float eps, const float* c, float* out) {
+    DSV4_EXACT
+    float s[16];
+    for (int64_t i = 0; i < n; i++) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < n; j++) acc += dim == 0 ? c[j * n + i] : c[i * n + j];
+        s[i] = acc + eps;
+    }
+    for (int64_t a = 0; a < n; a++)
+        for (int64_t b = 0; b < n; b++) out[a * n + b] = c[a * n + b] / s[dim == 0 ? b : a];
+}
+
 /* hc_pre of one token from its mixing sums m [(2+n)n] (see dsv4_hc_pre). */
 static void hc_pre_token(int64_t n, int64_t D, const float* ht, int64_t st_n, const float* m, const float* base,
                          const float* scale, float rms_eps, float hc_eps, int64_t iters, float* xt, float* post_t,
@@ -227,21 +255,7 @@ static void hc_pre_token(int64_t n, int64_t D, const float* ht, int64_t st_n, co
         for (int64_t b = 0; b < n; b++) sum += (ca[b] = expf(ca[b] - mx));
         for (int64_t b = 0; b < n; b++) ca[b] = ca[b] / sum + hc_eps;
     }
-    for (int64_t it = 0; it < iters; it++) {
-        if (it > 0)
-            for (int64_t a = 0; a < n; a++) {
-                float s = 0.f;
-                for (int64_t b = 0; b < n; b++) s += c[a * n + b];
-                s += hc_eps;
-                for (int64_t b = 0; b < n; b++) c[a * n + b] /= s;
-            }
-        for (int64_t b = 0; b < n; b++) {
-            float s = 0.f;
-            for (int64_t a = 0; a < n; a++) s += c[a * n + b];
-            s += hc_eps;
-            for (int64_t a = 0; a < n; a++) c[a * n + b] /= s;
-        }
-    }
+    for (int64_t k = 0; k < 2 * iters - 1; k++) sinkhorn_half(n, k % 2 ? 1 : 0, hc_eps, c, c); /* columns first */
     memcpy(comb_t, c, sizeof(float) * (size_t)(n * n));
     const float p0 = pre[0];
 #pragma omp simd
@@ -300,33 +314,6 @@ void dsv4_hc_pre(int64_t T, int64_t n, int64_t D, const float* h, int64_t st_t, 
         }
     }
     free(zero);
-}
-
-/* Sinkhorn-Knopp of hc_pre for training, forward and backward, in PyTorch's own arithmetic: the
- * same elementwise operations and sums in the same order as the autograd graph of the loop in
- * dsv4.model.mhc (comb / (comb.sum(dim) + eps), columns first, 2*iters-1 normalisations), so the
- * values and the gradients equal autograd's bit for bit (tests compare them with torch.equal). No
- * product may be fused into an add here: contraction is off for these two functions. */
-#if defined(__clang__)
-#define DSV4_EXACT _Pragma("clang fp contract(off)")
-#define DSV4_EXACT_FN
-#else
-#define DSV4_EXACT
-#define DSV4_EXACT_FN __attribute__((optimize("fp-contract=off")))
-#endif
-
-/* One normalisation of an n x n matrix c (row-major, c[a*n+b]): dim 0 divides every column b by
- * (sum_a c[a][b]) + eps, dim 1 every row a by (sum_b c[a][b]) + eps. */
-static inline void sinkhorn_half(int64_t n, int dim, float eps, const float* c, float* out) {
-    DSV4_EXACT
-    float s[16];
-    for (int64_t i = 0; i < n; i++) {
-        float acc = 0.f;
-        for (int64_t j = 0; j < n; j++) acc += dim == 0 ? c[j * n + i] : c[i * n + j];
-        s[i] = acc + eps;
-    }
-    for (int64_t a = 0; a < n; a++)
-        for (int64_t b = 0; b < n; b++) out[a * n + b] = c[a * n + b] / s[dim == 0 ? b : a];
 }
 
 /* comb [T, n, n] -> out [T, n, n] after 2*iters-1 normalisations; saved (or NULL: inference) gets
