@@ -11,7 +11,7 @@ from dsv4.core.config import ModelConfig
 from dsv4.core.interfaces import VerifyResult, VerifySample
 from dsv4.engine.engine import Engine, EngineConfig
 from dsv4.rl.grpo import GRPOConfig, GRPOTrainer
-from dsv4.rl.policy import CompletionBatch, _replay, clone_model, completion_logprobs, weights_checksum
+from dsv4.rl.policy import CompletionBatch, _layout, _replay, clone_model, completion_logprobs, weights_checksum
 from dsv4.rl.tasks import ALPHABET, AdditionTask
 from dsv4.testing.models import random_model
 from dsv4.testing.tokenizers import write_char_tokenizer
@@ -63,34 +63,65 @@ def test_one_step_changes_weights_and_syncs_them_to_the_engine(tmp_path: Path) -
     assert metrics["rollout_vs_train_logprob_abs_diff_max"] < 1e-4  # close even without invariance
 
 
-def test_true_on_policy_logprob_difference_is_exactly_zero(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path, true_on_policy=True, lr=1e-2)
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_true_on_policy_logprob_difference_is_exactly_zero(tmp_path: Path, share_prompt: bool) -> None:
+    trainer = _trainer(tmp_path, true_on_policy=True, lr=1e-2, share_prompt=share_prompt)
     for step in range(2):  # also after an update has been synced into the engine
         metrics = trainer.step(step)
         assert metrics["rollout_vs_train_logprob_abs_diff_max"] == 0.0
         assert metrics["policy_ratio_mean"] == 1.0
 
 
-def test_routing_replay_reproduces_the_rollouts_choices(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path, true_on_policy=False)
+def _rollout_batch(trainer: GRPOTrainer) -> CompletionBatch:
     rollouts = trainer.rollouts(AdditionTask(1, seed=3).sample(4), step=0, salt=0)
-    batch = CompletionBatch([r.prompt_ids + r.completion_ids for r in rollouts],
-                            [len(r.prompt_ids) for r in rollouts], [r.routing for r in rollouts])
+    return CompletionBatch([r.prompt_ids + r.completion_ids for r in rollouts],
+                           [len(r.prompt_ids) for r in rollouts], [r.routing for r in rollouts])
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_routing_replay_reproduces_the_rollouts_choices(tmp_path: Path, share_prompt: bool) -> None:
+    trainer = _trainer(tmp_path, true_on_policy=False)
+    batch = _rollout_batch(trainer)
     with torch.no_grad():  # weights drift between rollout and training in a real run
         for p in trainer.policy.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    trace = _replay(batch)
+    layout = _layout(batch, share_prompt)
+    trace = _replay(batch, layout)
     assert trace is not None and trace.experts and trace.indexer
     from dsv4.core.batch import ForwardBatch
 
     with torch.no_grad():
-        trainer.policy.run(ForwardBatch.from_requests(batch.sequences, sample="all"), routing=trace)
+        trainer.policy.run(ForwardBatch.from_requests(layout.tokens, layout.prefix_lens, sample="all",
+                                                      parents=layout.parents), routing=trace)
     for layer, recorded in trace.experts.items():
         rows = recorded[:, 0] >= 0
+        assert rows.sum() >= len(layout.tokens)
         assert torch.equal(trace.applied_experts[layer][rows], recorded[rows])
     # and the replayed logprobs are those of the same expert choices (differentiable as usual)
-    logps, _ = completion_logprobs(trainer.policy, batch, replay=True)
+    logps, _ = completion_logprobs(trainer.policy, batch, replay=True, share_prompts=share_prompt)
     assert all(lp.requires_grad for lp in logps)
+
+
+@pytest.mark.parametrize("invariant", [True, False])
+def test_shared_prompts_give_the_per_sequence_logprobs_and_gradients(tmp_path: Path, invariant: bool) -> None:
+    """A group's prompt computed once: the same logprobs (bit for bit in batch-invariant mode) and, for
+    the policy loss, the same gradients as every completion recomputing its prompt."""
+    trainer = _trainer(tmp_path, true_on_policy=invariant)
+    batch = _rollout_batch(trainer)
+    assert len({tuple(s[:p]) for s, p in zip(batch.sequences, batch.prompt_lens)}) == 4  # 4 groups of 4
+    results = []
+    for share in (True, False):
+        trainer.policy.zero_grad(set_to_none=True)
+        logps, _ = completion_logprobs(trainer.policy, batch, replay=True, share_prompts=share)
+        torch.cat(logps).square().sum().backward()
+        results.append((logps, {n: p.grad.clone() for n, p in trainer.policy.named_parameters()
+                                if p.grad is not None}))
+    (shared, g_shared), (alone, g_alone) = results
+    for a, b in zip(shared, alone, strict=True):
+        assert torch.equal(a, b) if invariant else (a - b).abs().max().item() < 1e-5
+    assert g_shared.keys() == g_alone.keys()
+    for name, grad in g_shared.items():
+        assert (grad - g_alone[name]).abs().max().item() <= 1e-4 * (1 + g_alone[name].abs().max().item()), name
 
 
 def test_metric_band_stops_a_disagreeing_run(tmp_path: Path) -> None:

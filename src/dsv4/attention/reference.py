@@ -8,8 +8,10 @@ One plan per step turns the batch (and, when paged, the pool's page tables) into
 
 A layer then writes its new rows, gathers what each token reads and does the math of
 :mod:`dsv4.attention.ops`. Without a pool (training, full forward) the "storage" of every stream is
-just the tensor computed in this forward, so autograd sees everything; with a pool, rows are written
-into the pool first (streams are append-only, nothing a step reads is overwritten) and read back.
+just the tensor computed in this forward, so autograd sees everything; a request whose prefix is
+another request of the batch (``ForwardBatch.parents``) reads its parent's rows there. With a pool,
+rows are written into the pool first (streams are append-only, nothing a step reads is overwritten)
+and read back.
 """
 
 from __future__ import annotations
@@ -71,6 +73,30 @@ class _DenseRequest:
 
 
 @dataclass(slots=True)
+class _Local:
+    """One stream's in-forward storage (no pool): request ``r``'s own rows start at ``base[r]`` and hold
+    its logical rows from ``first[r]`` on; the logical rows before ``first[r]`` (its prefix) are its
+    parent's, at ``parent_base[r] + logical``. ``first is None``: no request has a parent."""
+
+    base: torch.Tensor  # [R]
+    first: torch.Tensor | None = None  # [R]
+    parent_base: torch.Tensor | None = None  # [R]
+
+    def rows(self, req: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
+        if self.first is None or self.parent_base is None:
+            return self.base[req] + logical
+        first = self.first[req]
+        return torch.where(logical < first, self.parent_base[req] + logical, self.base[req] + logical - first)
+
+
+def _local(base: torch.Tensor, first: list[int], parents: tuple[int, ...] | None) -> _Local:
+    if parents is None:
+        return _Local(base)
+    parent = torch.tensor(parents, dtype=torch.long, device=base.device).clamp(min=0)
+    return _Local(base, torch.tensor(first, dtype=torch.long, device=base.device), base[parent])
+
+
+@dataclass(slots=True)
 class ReferencePlan:
     """Per-step metadata of :class:`ReferenceAttentionBackend` (built once, read by every layer)."""
 
@@ -83,8 +109,8 @@ class ReferencePlan:
     dense: list[_DenseRequest]
     # Rows of the concatenated outputs [gather rows, dense request 0 rows, ...] in batch order.
     inverse: torch.Tensor | None
-    # Dense mode: first row of each request in every stream's in-forward storage.
-    dense_base: dict[str, torch.Tensor] = field(default_factory=dict)
+    # No pool: where each request's rows of every stream sit in the forward's own tensors.
+    local: dict[str, _Local] = field(default_factory=dict)
     _slots: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
 
     def slots(self, stream: str, purpose: str, req: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
@@ -92,7 +118,7 @@ class ReferencePlan:
         key = (stream, purpose)
         if key not in self._slots:
             if self.pool is None:
-                self._slots[key] = self.dense_base[stream][req] + logical
+                self._slots[key] = self.local[stream].rows(req, logical)
             else:
                 assert self.batch.rids is not None
                 self._slots[key] = self.pool.slots(stream, self.batch.rids, req, logical)
@@ -104,7 +130,8 @@ class ReferenceAttentionBackend:
 
     name: ClassVar[str] = "reference"
     capabilities: ClassVar[frozenset[str]] = frozenset(
-        {"training", "paged", "fake_quant", "indexer_loss", "routing_replay", "batch_invariant", "cpu", "cuda"}
+        {"training", "paged", "fake_quant", "indexer_loss", "routing_replay", "batch_invariant", "shared_prefix",
+         "cpu", "cuda"}
     )
 
     def __init__(
@@ -131,9 +158,11 @@ class ReferenceAttentionBackend:
 
     # ------------------------------------------------------------------------------------------
     def plan(self, batch: ForwardBatch, pool: KVPool | None) -> ReferencePlan:
-        """Gather indices for the step; ``pool=None`` means every request is a whole sequence."""
-        if pool is None and any(batch.prefix_lens_host):
-            raise ValueError("a batch with cached prefixes (prefix_lens > 0) needs a KV pool")
+        """Gather indices for the step; ``pool=None``: every request is a whole sequence, or its prefix
+        is another request of the batch (``batch.parents``)."""
+        parents = batch.parents
+        if pool is None and any(p and (parents is None or parents[r] < 0) for r, p in enumerate(batch.prefix_lens_host)):
+            raise ValueError("a batch with cached prefixes (prefix_lens > 0) needs a KV pool, or parents in the batch")
         if pool is not None and batch.rids is None:
             raise ValueError("a paged batch needs request ids (ForwardBatch.rids)")
         cfg, dev = self.config, batch.positions.device
@@ -165,7 +194,7 @@ class ReferenceAttentionBackend:
         window_valid = window >= 0
         plan = ReferencePlan(batch, pool, gather_tokens, window.clamp(min=0), window_valid, {}, dense, inverse)
         if pool is None:
-            plan.dense_base["win"] = batch.starts
+            plan.local["win"] = _local(batch.starts, list(batch.prefix_lens_host), parents)
         for ratio in sorted(set(cfg.compress_ratios) - {0}):
             overlap = ratio == cfg.compress_ratio_csa and "compressed_sparse_attention" in cfg.layer_types
             coff = 2 if overlap else 1
@@ -191,9 +220,9 @@ class ReferenceAttentionBackend:
             if pool is None:
                 # Token streams hold the forward's own rows; entry streams its emitted blocks in order.
                 for name in ("rows", "irows"):
-                    plan.dense_base[f"c{ratio}.{name}"] = batch.starts
+                    plan.local[f"c{ratio}.{name}"] = plan.local["win"]
                 for name in ("ent", "ient"):
-                    plan.dense_base[f"c{ratio}.{name}"] = offsets
+                    plan.local[f"c{ratio}.{name}"] = _local(offsets, first, parents)
         return plan
 
     # ------------------------------------------------------------------------------------------

@@ -17,6 +17,12 @@ class ForwardBatch:
     Request ``r`` owns rows ``starts[r] : starts[r] + extend_lens[r]`` of every per-token tensor; its
     new tokens sit at absolute positions ``prefix_lens[r] …`` (``prefix_lens[r]`` tokens are already
     in the KV cache). Full-sequence training is the case ``prefix_lens == 0``.
+
+    Without a KV pool, a request may instead find its prefix in the batch itself: ``parents[r] = q``
+    says that request ``r``'s first ``prefix_lens[r]`` tokens are request ``q``'s (a whole sequence
+    that starts at position 0 and is at least that long), so ``r``'s tokens attend to ``q``'s rows of
+    this very forward and gradients flow into them. That is how a group of completions of one prompt
+    trains with the prompt computed once (``parents[r] = -1``: no parent).
     """
 
     input_ids: torch.Tensor  # [T] long
@@ -32,6 +38,8 @@ class ForwardBatch:
     sample_index: torch.Tensor | None = None
     # Pool ids of the requests (paged inference); None when the batch holds whole sequences.
     rids: tuple[int, ...] | None = None
+    # In-batch prefix owners (no pool): request index per request, -1 for none; None: no request has one.
+    parents: tuple[int, ...] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -57,12 +65,14 @@ class ForwardBatch:
         rids: Sequence[int] | None = None,
         sample: str | Sequence[int] = "last",
         device: torch.device | str = "cpu",
+        parents: Sequence[int] | None = None,
     ) -> ForwardBatch:
         """Build a batch from each request's new token ids.
 
         ``sample`` chooses the rows that produce logits: ``"last"`` (the last new token of every
         request), ``"all"`` (every row: training, prompt logprobs), or a list of request indices
-        whose last new token is sampled (requests still mid-prefill produce none).
+        whose last new token is sampled (requests still mid-prefill produce none). ``parents``: see
+        the class docstring (no ``rids`` then: a paged request's prefix lives in the pool).
         """
         if isinstance(sample, str) and sample not in ("last", "all"):
             raise ValueError(f"sample must be 'last', 'all' or request indices, got {sample!r}")
@@ -74,6 +84,9 @@ class ForwardBatch:
             raise ValueError(f"{len(pre)} prefix lengths for {len(ext)} requests")
         if rids is not None and len(rids) != len(ext):
             raise ValueError(f"{len(rids)} request ids for {len(ext)} requests")
+        par = tuple(int(q) for q in parents) if parents is not None else None
+        if par is not None:
+            _check_parents(par, pre, ext, paged=rids is not None)
         dev = torch.device(device)
         tensors = [t for t in new_tokens if isinstance(t, torch.Tensor)]
         if len(tensors) == len(new_tokens):
@@ -102,6 +115,7 @@ class ForwardBatch:
             prefix_lens_host=tuple(pre),
             sample_index=sample_index,
             rids=tuple(rids) if rids is not None else None,
+            parents=par if par is not None and any(q >= 0 for q in par) else None,
         )
 
     @classmethod
@@ -110,3 +124,21 @@ class ForwardBatch:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         return cls.from_requests(list(input_ids), sample="all", device=input_ids.device)
+
+
+def _check_parents(parents: tuple[int, ...], prefix_lens: list[int], extend_lens: list[int], *, paged: bool) -> None:
+    """Every parent is a whole sequence of this batch, long enough for the prefix it lends."""
+    if len(parents) != len(extend_lens):
+        raise ValueError(f"{len(parents)} parents for {len(extend_lens)} requests")
+    if paged and any(q >= 0 for q in parents):
+        raise ValueError("parents describe prefixes computed in the same forward; a paged batch's are in the pool")
+    for r, q in enumerate(parents):
+        if q < 0:
+            continue
+        if q >= len(parents) or q == r:
+            raise ValueError(f"request {r}: parent {q} is not another request of the batch")
+        if parents[q] >= 0 or prefix_lens[q]:
+            raise ValueError(f"request {r}: its parent {q} has a prefix of its own (parents are whole sequences)")
+        if not 0 < prefix_lens[r] <= extend_lens[q]:
+            raise ValueError(f"request {r}: a prefix of {prefix_lens[r]} tokens from parent {q}, "
+                             f"which has {extend_lens[q]}")

@@ -160,7 +160,9 @@ class AttentionBackend(Protocol):
     """
 
     name: ClassVar[str]
-    capabilities: ClassVar[frozenset[str]]  # e.g. {"training", "paged", "fake_quant"}
+    # e.g. {"training", "paged", "fake_quant"}; "shared_prefix": without a pool, a request may read its
+    # prefix from another request of the same batch (ForwardBatch.parents)
+    capabilities: ClassVar[frozenset[str]]
 
     @classmethod
     def refuse(cls, config: ModelConfig, device: torch.device) -> str | None:

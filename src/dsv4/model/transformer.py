@@ -197,6 +197,12 @@ class Transformer(nn.Module):
         gradients reach the indexer. ``routing`` records (or, with ``replay``, imposes) every layer's
         expert and indexer choices.
         """
+        if batch.parents is not None:
+            if "shared_prefix" not in self.attn_backend.capabilities:
+                raise ValueError(f"attention backend {self.attn_backend.name!r} cannot read prefixes from "
+                                 "other requests of the batch (capability 'shared_prefix')")
+            if mtp_ids is not None:  # a parent's last row would need one next token per child
+                raise ValueError("MTP logits are not defined for a batch whose requests share prefixes (parents)")
         ctx = self.step_context(batch, pool)
         ctx.routing = routing
         if indexer_loss:

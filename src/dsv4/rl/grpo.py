@@ -54,6 +54,9 @@ class GRPOConfig(BaseModel):
     overlong_buffer: int = Field(default=0, ge=0)  # DAPO soft overlong penalty over the last N tokens
     overlong_penalty: float = Field(default=1.0, ge=0)
     routing_replay: bool = True
+    # The trainer's forward computes a group's prompt once for its G completions (as the engine's
+    # rollouts do); off: every completion recomputes its prompt (the arithmetic of earlier releases).
+    share_prompt: bool = True
     true_on_policy: bool = False  # batch-invariant numerics on both sides: logprob diff exactly 0
     max_logprob_diff: float | None = None  # stop the run when the rollout/trainer diff exceeds this
     permute_rewards: bool = False  # control experiment: rewards shuffled within each step
@@ -190,14 +193,15 @@ class GRPOTrainer:
             [r.routing for r in data.rollouts] if cfg.routing_replay else None,
         )
         self.policy.train()
-        logps, _ = completion_logprobs(self.policy, batch, replay=cfg.routing_replay)
+        logps, _ = completion_logprobs(self.policy, batch, replay=cfg.routing_replay, share_prompts=cfg.share_prompt)
         logp, mask = pad(logps)
         old, _ = pad([torch.tensor(r.behaviour_logprobs) for r in data.rollouts])
         diff = (logp.detach() - old).abs()[mask]
         ref = None
         if self.reference is not None:
             with torch.no_grad():
-                ref, _ = pad(completion_logprobs(self.reference, batch, replay=cfg.routing_replay)[0])
+                ref, _ = pad(completion_logprobs(self.reference, batch, replay=cfg.routing_replay,
+                                                 share_prompts=cfg.share_prompt)[0])
         loss, stats = algorithms.policy_loss(
             logp, old, advantages, mask, method=cfg.method, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
             ref_logp=ref, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, loss_norm=cfg.loss_norm,

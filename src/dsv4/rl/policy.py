@@ -6,7 +6,7 @@ import copy
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -38,8 +38,62 @@ class CompletionBatch:
                 raise ValueError(f"a sequence of {len(seq)} tokens with a prompt of {p} has no completion")
 
 
-def _replay(batch: CompletionBatch) -> RoutingTrace | None:
-    """Each sequence's recorded picks (positions 0 … len-2) plus an empty row for its last token."""
+@dataclass(slots=True)
+class _Layout:
+    """How a :class:`CompletionBatch` is laid out as one forward: its requests (token lists, cached
+    prefix lengths, in-batch parents), and for every completion token the row whose logits predict it."""
+
+    tokens: list[list[int]]
+    prefix_lens: list[int]
+    parents: list[int] | None
+    rows: list[list[int]]  # per sequence, per completion token: its predicting row (request, offset)
+    # per request: (sequence whose routing record covers it, first recorded position, positions)
+    records: list[tuple[int, int, int]]
+
+
+def _layout(batch: CompletionBatch, share_prompts: bool) -> _Layout:
+    """``share_prompts``: each distinct prompt is one request and its completions are requests whose
+    prefix it is (computed once; see ``ForwardBatch.parents``); a completion's last token, which
+    predicts nothing, is not fed. Otherwise every sequence is one whole request."""
+    if not share_prompts:
+        tokens = [list(seq) for seq in batch.sequences]
+        rows = [[(i, j) for j in range(p - 1, len(seq) - 1)]
+                for i, (seq, p) in enumerate(zip(batch.sequences, batch.prompt_lens, strict=True))]
+        return _Layout(tokens, [0] * len(tokens), None, _flat(rows, tokens),
+                       [(i, 0, len(seq)) for i, seq in enumerate(batch.sequences)])
+    roots: dict[tuple[int, ...], int] = {}
+    tokens, prefix, parents, records = [], [], [], []
+    rows = []
+    for i, (seq, p) in enumerate(zip(batch.sequences, batch.prompt_lens, strict=True)):
+        key = tuple(seq[:p])
+        root = roots.get(key)
+        if root is None:
+            root = roots[key] = len(tokens)
+            tokens.append(list(key))
+            prefix.append(0)
+            parents.append(-1)
+            records.append((i, 0, p))
+        own = [(root, p - 1)]
+        if len(seq) - p > 1:  # the completion's tokens but its last
+            own += [(len(tokens), j) for j in range(len(seq) - p - 1)]
+            tokens.append(list(seq[p:-1]))
+            prefix.append(p)
+            parents.append(root)
+            records.append((i, p, len(seq) - 1 - p))
+        rows.append(own)
+    return _Layout(tokens, prefix, parents, _flat(rows, tokens), records)
+
+
+def _flat(rows: list[list[tuple[int, int]]], tokens: list[list[int]]) -> list[list[int]]:
+    """(request, offset) pairs as rows of the flat batch."""
+    starts = [0]
+    for t in tokens:
+        starts.append(starts[-1] + len(t))
+    return [[starts[r] + j for r, j in seq_rows] for seq_rows in rows]
+
+
+def _replay(batch: CompletionBatch, layout: _Layout) -> RoutingTrace | None:
+    """The recorded picks of every row of the layout's requests (positions past a record: -1, none imposed)."""
     if batch.routing is None or any(r is None for r in batch.routing):
         return None
     trace = RoutingTrace(replay=True)
@@ -48,10 +102,10 @@ def _replay(batch: CompletionBatch) -> RoutingTrace | None:
         layers = getattr(routes[0], field_name).keys()
         for layer in layers:
             rows = []
-            for seq, r in zip(batch.sequences, routes, strict=True):
-                ids = getattr(r, field_name)[layer]
-                missing = len(seq) - ids.shape[0]
-                rows += [ids, ids.new_full((missing, ids.shape[1]), -1)] if missing > 0 else [ids[: len(seq)]]
+            for seq, first, n in layout.records:
+                ids = getattr(routes[seq], field_name)[layer][first : first + n]
+                missing = n - ids.shape[0]
+                rows += [ids, ids.new_full((missing, ids.shape[1]), -1)] if missing > 0 else [ids]
             store[layer] = torch.cat(rows)
     return trace
 
@@ -62,24 +116,30 @@ def completion_logprobs(
     *,
     replay: bool = False,
     indexer_loss: bool = False,
+    share_prompts: bool = False,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Logprob of every completion token under ``model`` (one tensor per sequence), differentiable.
 
     Computed with :func:`dsv4.core.numerics.token_logprobs`, the same function the engine uses for
     the behaviour logprobs, in the model's numerics mode: with batch-invariant numerics on both sides
     the two agree bit for bit. ``replay`` imposes the recorded expert / indexer choices.
+    ``share_prompts`` computes each distinct prompt once for all its completions (a group's G
+    completions cost one prompt, not G; the same logprobs and gradients up to summation order, and
+    bit for bit in batch-invariant mode); the indexer's objective then counts a prompt's rows once.
     """
     device = model.embed.weight.device
-    fb = ForwardBatch.from_requests(batch.sequences, sample="all", device=device)
-    out = model.run(fb, routing=_replay(batch) if replay else None, indexer_loss=indexer_loss)
-    rows, targets = [], []
-    for start, seq, p in zip(fb.starts.tolist(), batch.sequences, batch.prompt_lens, strict=True):
-        rows.append(torch.arange(start + p - 1, start + len(seq) - 1))
-        targets.append(torch.tensor(seq[p:]))
-    idx = torch.cat(rows).to(device)
-    lp = token_logprobs(out.logits[idx], torch.cat(targets).to(device), model.invariant)
-    sizes = [len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens, strict=True)]
-    return list(torch.split(lp, sizes)), out.aux_losses
+    layout = _layout(batch, share_prompts)
+    fb = ForwardBatch.from_requests(layout.tokens, layout.prefix_lens, sample="all", device=device,
+                                    parents=layout.parents)
+    idx = torch.tensor([r for rows in layout.rows for r in rows], device=device)
+    if share_prompts:  # logits of the predicting rows only
+        fb = replace(fb, sample_index=idx)
+    out = model.run(fb, routing=_replay(batch, layout) if replay else None, indexer_loss=indexer_loss)
+    logits = out.logits if share_prompts else out.logits[idx]
+    targets = torch.tensor([t for seq, p in zip(batch.sequences, batch.prompt_lens, strict=True) for t in seq[p:]],
+                           device=device)
+    lp = token_logprobs(logits, targets, model.invariant)
+    return list(torch.split(lp, [len(rows) for rows in layout.rows])), out.aux_losses
 
 
 def weights_checksum(model: torch.nn.Module) -> str:

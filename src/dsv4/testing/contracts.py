@@ -32,8 +32,9 @@ def _model(**build: Any) -> Any:
 
 
 def check_attention_backend(cls: type[Any], *, atol: float = 1e-4) -> None:
-    """Full forward, chunked cached prefill and decode all match the reference backend (logits within
-    ``atol``: the engine's bar; fused kernels legitimately sum in another order than the reference)."""
+    """Full forward, a prefix shared in the batch (``"shared_prefix"``), chunked cached prefill and decode
+    all match the reference backend (logits within ``atol``: the engine's bar; fused kernels legitimately
+    sum in another order than the reference)."""
     cfg = ModelConfig.tiny()
     device = torch.device("cpu")
     if (reason := cls.refuse(cfg, device)) is not None:
@@ -44,6 +45,13 @@ def check_attention_backend(cls: type[Any], *, atol: float = 1e-4) -> None:
     with torch.no_grad():
         expected = ref(ids)
         assert (model(ids) - expected).abs().max().item() <= atol, "full forward differs from the reference"
+        if "shared_prefix" in cls.capabilities:
+            # Two continuations of ids[0]'s first 17 tokens, that prefix computed once (ForwardBatch.parents).
+            other = torch.cat((ids[0, :17], ids[1, 17:])).unsqueeze(0)
+            batch = ForwardBatch.from_requests([ids[0, :17], ids[0, 17:], ids[1, 17:]], [0, 17, 17], sample="all",
+                                               parents=[-1, 0, 0])
+            want = torch.cat((expected[0], ref(other)[0, 17:]))
+            assert (model.run(batch).logits - want).abs().max().item() <= atol, "a prefix shared in the batch differs"
         if "paged" not in cls.capabilities:
             return
         streams = model.attn_backend.kv_streams()
