@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -58,18 +59,22 @@ class PoolMachine(RuleBasedStateMachine):
         self.rows = {k: v for k, v in self.rows.items() if k[0] != rid}
 
     @precondition(lambda self: self.lengths)
-    @rule(data=st.data(), dst=st.integers(8, 11))
-    def fork(self, data: st.DataObject, dst: int) -> None:
-        """A request (a sample of a prompt prefilled once) starts from a copy of another's cache."""
-        if dst in self.lengths:
+    @rule(data=st.data(), dsts=st.lists(st.integers(8, 11), min_size=1, max_size=4, unique=True),
+          one=st.booleans())
+    def fork(self, data: st.DataObject, dsts: list[int], one: bool) -> None:
+        """Requests (samples of a prompt prefilled once) start from a copy of another's cache: one at a
+        time, or several in one call (all or nothing)."""
+        dsts = [d for d in dsts if d not in self.lengths]
+        if not dsts or (one and len(dsts) > 1):
             return
         src = data.draw(st.sampled_from(sorted(self.lengths)))
         try:
-            self.pool.fork(src, dst)
+            self.pool.fork(src, dsts[0] if one else dsts)
         except PoolExhausted:
             return  # the pool must be unchanged: checked by the invariants
-        self.lengths[dst] = self.lengths[src]
-        self.rows.update({(dst, s, r): v for (rid, s, r), v in self.rows.items() if rid == src})
+        for dst in dsts:
+            self.lengths[dst] = self.lengths[src]
+            self.rows.update({(dst, s, r): v for (rid, s, r), v in self.rows.items() if rid == src})
 
     @invariant()
     def pages_conserved(self) -> None:
@@ -137,3 +142,15 @@ def test_many_requests_without_entries_yet() -> None:
     rows = torch.zeros(20, dtype=torch.long)
     slots = pool.slots("c4.ent", list(range(20)), torch.arange(20), rows)
     assert slots.tolist() == [0] * 20  # the null page
+
+
+def test_fork_rejects_repeated_targets_and_targets_with_pages() -> None:
+    pool = PagedKVPool(STREAMS, {s.name: 64 for s in STREAMS}, page_size=2)
+    pool.reserve(0, 9)
+    pool.reserve(1, 3)
+    for bad in ([2, 2], [0, 2], [2, 1]):
+        with pytest.raises(ValueError, match="fork"):
+            pool.fork(0, bad)
+    used = {s.name: pool.pages_used(s.name) for s in STREAMS}
+    pool.fork(0, [2, 3, 4])
+    assert all(pool.pages_used(n) == used[n] + 3 * len(pool.owners(n)[0]) for n in used)

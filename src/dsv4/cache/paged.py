@@ -159,33 +159,42 @@ class PagedKVPool:
             self._free_rows.append(self._rows.pop(rid))
             self._rows_cache = None
 
-    def fork(self, src: int, dst: int) -> None:
-        """Give ``dst`` (a request with no pages) a copy of ``src``'s cache: in every stream, pages of
-        its own holding the same rows in every layer, and the same released prefix. Raises
-        :class:`PoolExhausted` (pool unchanged) when a stream lacks the pages."""
-        if any(dst in tables for tables in self._tables.values()):
-            raise ValueError(f"fork: request {dst} already holds pages")
+    def fork(self, src: int, dst: int | Sequence[int]) -> None:
+        """Give ``dst`` (one request id or several, none holding pages) a copy of ``src``'s cache: in every
+        stream, pages of its own holding the same rows in every layer, and the same released prefix.
+        All or nothing: raises :class:`PoolExhausted` (pool unchanged) when a stream lacks the pages."""
+        dsts = [dst] if isinstance(dst, int) else list(dst)
+        if len(set(dsts)) != len(dsts) or src in dsts:
+            raise ValueError(f"fork: targets {dsts} repeat, or include the source {src}")
+        for d in dsts:
+            if any(d in tables for tables in self._tables.values()):
+                raise ValueError(f"fork: request {d} already holds pages")
         for name in self.streams:
             live = sum(p != _FREED for p in self._tables[name].get(src, ()))
-            if live > len(self._free[name]):
-                raise PoolExhausted(f"stream {name!r}: forking request {src} needs {live} pages, "
-                                    f"{len(self._free[name])} free")
-        row = self._row_of(dst)
+            if live * len(dsts) > len(self._free[name]):
+                raise PoolExhausted(f"stream {name!r}: forking request {src} {len(dsts)} times needs "
+                                    f"{live * len(dsts)} pages, {len(self._free[name])} free")
+        rows = [self._row_of(d) for d in dsts]
+        lane = torch.arange(self.page_size)
         for name, spec in self.streams.items():
             table = self._tables[name].get(src)
             if table is None:
                 continue
-            copy = [_FREED if p == _FREED else self._free[name].pop() for p in table]
-            self._tables[name][dst] = copy
-            if src in self._released[name]:
-                self._released[name][dst] = self._released[name][src]
-            pt = self._grow(name, row + 1, len(copy))
-            pt[row, : len(copy)] = [0 if p == _FREED else p for p in copy]
-            pairs = [(a, b) for a, b in zip(table, copy, strict=True) if a != _FREED]
-            if pairs:
-                lane = torch.arange(self.page_size)
-                pages = torch.tensor(pairs, dtype=torch.long) * self.page_size  # [live, 2] first rows
-                src_rows, dst_rows = ((pages[:, i : i + 1] + lane).flatten() for i in (0, 1))
+            src_pages, dst_pages = [], []
+            for d, row in zip(dsts, rows, strict=True):
+                copy = [_FREED if p == _FREED else self._free[name].pop() for p in table]
+                self._tables[name][d] = copy
+                if src in self._released[name]:
+                    self._released[name][d] = self._released[name][src]
+                pt = self._grow(name, row + 1, len(copy))
+                pt[row, : len(copy)] = [0 if p == _FREED else p for p in copy]
+                for a, b in zip(table, copy, strict=True):
+                    if a != _FREED:
+                        src_pages.append(a)
+                        dst_pages.append(b)
+            if src_pages:  # one gather and one scatter per layer for every target at once
+                src_rows = (torch.tensor(src_pages).unsqueeze(1) * self.page_size + lane).flatten()
+                dst_rows = (torch.tensor(dst_pages).unsqueeze(1) * self.page_size + lane).flatten()
                 for layer in spec.layers:
                     buf = self._buffers[(layer, name)]
                     buf[dst_rows.to(buf.device)] = buf[src_rows.to(buf.device)]

@@ -235,9 +235,10 @@ class KVPool(Protocol):
         ...
 
     # Pools with the "fork" capability also have
-    #   fork(src: int, dst: int) -> None
-    # which gives ``dst`` (holding no pages) a copy of every row ``src`` may still read, raising
-    # MemoryError (pool unchanged) when pages run out: the engine prefills a prompt sampled n times once.
+    #   fork(src: int, dst: int | Sequence[int]) -> None
+    # which gives ``dst`` (one request or several, holding no pages) a copy of every row ``src`` may
+    # still read, raising MemoryError (pool unchanged) when pages run out for all of them: the engine
+    # prefills a prompt sampled n times once.
 
 
 # --------------------------------------------------------------------------------------------------

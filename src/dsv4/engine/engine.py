@@ -351,19 +351,25 @@ class Engine:
         for k, leader in enumerate(sampled):
             if leader.num_computed != len(leader.prompt_ids) or leader.seq_id not in self._forks:
                 continue
-            for sib in self._forks.pop(leader.seq_id):
-                try:
-                    self.pool.fork(leader.seq_id, sib.seq_id)  # type: ignore[attr-defined]
-                except MemoryError:
-                    self.scheduler.add(sib)
-                    continue
+            sibs = self._forks.pop(leader.seq_id)
+            try:  # every copy at once; when pages are short, as many as fit, one by one
+                self.pool.fork(leader.seq_id, [sib.seq_id for sib in sibs])  # type: ignore[attr-defined]
+                copied = True
+            except MemoryError:
+                copied = False
+            for sib in sibs:
+                if not copied:
+                    try:
+                        self.pool.fork(leader.seq_id, sib.seq_id)  # type: ignore[attr-defined]
+                    except MemoryError:
+                        self.scheduler.add(sib)
+                        continue
                 if not self.scheduler.adopt(sib):  # type: ignore[attr-defined]
                     self.pool.release(sib.seq_id)
                     self.scheduler.add(sib)
                     continue
                 sib.num_computed = leader.num_computed
-                sib.routing_experts = {layer: list(v) for layer, v in leader.routing_experts.items()}
-                sib.routing_indexer = {layer: list(v) for layer, v in leader.routing_indexer.items()}
+                sib.routing_log = list(leader.routing_log)
                 forked.append((k, sib))
         return forked
 
@@ -466,10 +472,7 @@ def _pages_needed(s: StreamSpec, page: int, max_seqs: int, capacity_tokens: int,
 
 
 def _keep_routing(seq: Sequence, trace: RoutingTrace, start: int, n: int) -> None:
-    """Store the step's expert / indexer picks of a sequence's rows under their positions."""
+    """Note that the step's expert / indexer picks of rows ``start : start + n`` are the sequence's next."""
     if seq.num_computed == 0:  # (re)computed from scratch: earlier records are stale
-        seq.routing_experts.clear()
-        seq.routing_indexer.clear()
-    for store, picks in ((seq.routing_experts, trace.experts), (seq.routing_indexer, trace.indexer)):
-        for layer, ids in picks.items():
-            store.setdefault(layer, []).append(ids[start : start + n].clone())
+        seq.routing_log.clear()
+    seq.routing_log.append((trace, start, n))

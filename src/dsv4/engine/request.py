@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from dsv4.engine.detok import IncrementalDetokenizer, StopChecker
 import torch
 
+from dsv4.core.interfaces import RoutingTrace
+from dsv4.engine.detok import IncrementalDetokenizer, StopChecker
 from dsv4.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, Routing
 from dsv4.engine.sampling import SamplingParams, SequenceSampling
 from dsv4.engine.status import SequenceStatus
@@ -33,9 +34,9 @@ class Sequence:
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
     token_logprobs: list[float] = field(default_factory=list)  # with EngineConfig.return_token_logprobs
-    # with EngineConfig.record_routing: per layer, per step, the picks of this sequence's rows in order
-    routing_experts: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-    routing_indexer: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    # with EngineConfig.record_routing: per step that computed rows of this sequence, the step's record
+    # and the rows (start, count) that are this sequence's, in order; cut out once, when it finishes
+    routing_log: list[tuple[RoutingTrace, int, int]] = field(default_factory=list)
     text: str = ""  # streamed-safe text so far (no partial UTF-8, no half stop string)
 
     @property
@@ -76,14 +77,14 @@ class Sequence:
             logprobs=list(self.logprobs) if self.logprobs is not None else None,
             cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
             token_logprobs=list(self.token_logprobs) if self.token_logprobs else None,
-            routing=(
-                Routing(
-                    experts={k: torch.cat(v) for k, v in self.routing_experts.items()},
-                    indexer={k: torch.cat(v) for k, v in self.routing_indexer.items()},
-                )
-                if self.finished and self.routing_experts
-                else None
-            ),
+            routing=self._routing() if self.finished and self.routing_log else None,
+        )
+
+    def _routing(self) -> Routing:
+        log = self.routing_log
+        return Routing(
+            experts={k: torch.cat([t.experts[k][s : s + n] for t, s, n in log]) for k in log[0][0].experts},
+            indexer={k: torch.cat([t.indexer[k][s : s + n] for t, s, n in log]) for k in log[0][0].indexer},
         )
 
 
