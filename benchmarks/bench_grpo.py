@@ -16,6 +16,7 @@ dsv4 runs without dynamic sampling (no refills: exactly P·G completions per ste
 
     python benchmarks/bench_grpo.py                         # G=8, P=8, M=6, S=5
     python benchmarks/bench_grpo.py -G 16 -P 4 -S 10 --json out.json
+    python benchmarks/bench_grpo.py --fewshot 10            # ~130-token prompts, each group's prompt computed once
     python benchmarks/bench_grpo.py --model DIR             # an existing checkpoint dir (with tokenizer.json)
 """
 
@@ -56,7 +57,7 @@ from dsv4.testing.tokenizers import BOS, EOS, write_char_tokenizer  # noqa: E402
 def make_checkpoint(path: Path, args: argparse.Namespace) -> None:
     """ADDITION_MODEL (no MTP) + char tokenizer, warm-started by ``args.warm_start_steps`` dsv4 SFT steps."""
     tokenizer = write_char_tokenizer(path, ALPHABET)
-    max_pos = max(int(ADDITION_MODEL["max_position_embeddings"]), 2 * args.max_digits + 3 + args.max_new_tokens + 8)
+    max_pos = max(int(ADDITION_MODEL["max_position_embeddings"]), _max_len(args) + 8)
     cfg = ModelConfig.tiny(**{**ADDITION_MODEL, "num_nextn_predict_layers": 0, "max_position_embeddings": max_pos})
     model = build_model(cfg, seed=args.seed)
     model.init_weights(std=0.02, generator=torch.Generator().manual_seed(args.seed))
@@ -64,7 +65,8 @@ def make_checkpoint(path: Path, args: argparse.Namespace) -> None:
     if args.warm_start_steps:
         torch.manual_seed(args.seed)
         sft = SFTTrainer(model, tokenizer,
-                         lambda n, salt: AdditionTask(args.max_digits, seed=10_000 + salt).sample(n, "train"),
+                         lambda n, salt: _with_prefix(AdditionTask(args.max_digits, seed=10_000 + salt).sample(n, "train"),
+                                                      args),
                          SFTConfig(batch_size=64, lr=args.warm_start_lr))
         t = time.perf_counter()
         for i in range(args.warm_start_steps):
@@ -72,6 +74,23 @@ def make_checkpoint(path: Path, args: argparse.Namespace) -> None:
         print(f"warm start: {args.warm_start_steps} dsv4 SFT steps (batch 64, lr {args.warm_start_lr}) in "
               f"{time.perf_counter() - t:.0f} s, last loss {m['loss']:.3f}")
     save_model(model, path)
+
+
+def fewshot_prefix(args: argparse.Namespace) -> str:
+    """``--fewshot K``: K worked examples ("12+34=46 ") put before every prompt, the same for all (as a
+    few-shot or system prompt is); the group's prompt is then mostly this prefix."""
+    examples = AdditionTask(args.max_digits, seed=999).sample(args.fewshot, "train")
+    return "".join(f"{p.prompt}{p.answer} " for p in examples)
+
+
+def _with_prefix(problems: list[Problem], args: argparse.Namespace) -> list[Problem]:
+    prefix = fewshot_prefix(args)
+    return [Problem(prefix + p.prompt, p.answer) for p in problems] if prefix else problems
+
+
+def _max_len(args: argparse.Namespace) -> int:
+    """Longest prompt + completion, in tokens (BOS, the prefix, "a+b=", the new tokens)."""
+    return 1 + len(fewshot_prefix(args)) + 2 * args.max_digits + 2 + args.max_new_tokens
 
 
 def hf_tokenizer(path: Path) -> Any:
@@ -143,7 +162,7 @@ def run_dsv4(path: Path, problems: list[Problem], args: argparse.Namespace) -> d
     torch.manual_seed(args.seed)
     tokenizer = Tokenizer.from_pretrained(path)
     policy = load_model(path)
-    engine_cfg = EngineConfig(max_model_len=2 * args.max_digits + 3 + M + 1, max_num_seqs=512,
+    engine_cfg = EngineConfig(max_model_len=_max_len(args), max_num_seqs=512,
                               max_num_batched_tokens=8192, return_token_logprobs=True,
                               record_routing=args.routing_replay, batch_invariant=False)
     engine = Engine(clone_model(policy), tokenizer=tokenizer, config=engine_cfg)
@@ -155,7 +174,7 @@ def run_dsv4(path: Path, problems: list[Problem], args: argparse.Namespace) -> d
     cfg = GRPOConfig(steps=args.steps, prompts_per_step=P, group_size=G, max_new_tokens=M, temperature=1.0,
                      lr=args.lr, kl_coef=0.0, clip_low=0.2, clip_high=0.28, loss_norm="token", grad_clip=1.0,
                      betas=(0.9, 0.99), weight_decay=0.0, dynamic_sampling=False,
-                     routing_replay=args.routing_replay)
+                     routing_replay=args.routing_replay, share_prompt=args.share_prompt)
     trainer = GRPOTrainer(policy, engine, verifier(), sample_problems, cfg, seed=args.seed)
     setup = time.perf_counter() - t0
     times, cpu, rewards, tokens, rollout = [], [], [], [], []
@@ -290,6 +309,10 @@ def main() -> None:
     ap.add_argument("--save-model", type=Path, help="keep the generated checkpoint here")
     ap.add_argument("--warm-start-steps", type=int, default=120, help="dsv4 SFT steps before saving (0: random)")
     ap.add_argument("--warm-start-lr", type=float, default=2e-3)
+    ap.add_argument("--fewshot", type=int, default=0,
+                    help="K worked examples before every prompt (the same prefix for all): long, group-shared prompts")
+    ap.add_argument("--no-share-prompt", dest="share_prompt", action="store_false",
+                    help="dsv4: every completion recomputes its prompt in the trainer's forward (GRPOConfig.share_prompt)")
     ap.add_argument("--no-routing-replay", dest="routing_replay", action="store_false",
                     help="dsv4: do not record/replay MoE routing (on by default, dsv4's default)")
     ap.add_argument("--trl-library-defaults", action="store_true",
@@ -317,9 +340,11 @@ def main() -> None:
         make_checkpoint(path, args)
 
     P, G, M, S = args.prompts, args.group_size, args.max_new_tokens, args.steps
-    problems = AdditionTask(args.max_digits, seed=args.seed).sample(P * S, "train")
+    problems = _with_prefix(AdditionTask(args.max_digits, seed=args.seed).sample(P * S, "train"), args)
     res: dict[str, Any] = {
         "workload": {"G": G, "P": P, "M": M, "S": S, "lr": args.lr, "max_digits": args.max_digits,
+                     "fewshot": args.fewshot, "prompt_chars_mean": sum(len(p.prompt) for p in problems) / len(problems),
+                     "share_prompt": args.share_prompt,
                      "temperature": 1.0, "completions_per_step": P * G, "threads": torch.get_num_threads(),
                      "routing_replay": args.routing_replay},
         "versions": {"torch": torch.__version__},
@@ -342,7 +367,8 @@ def main() -> None:
           f"{st['hf_left_pad_no_position_ids_max_abs_diff']:.1e} "
           f"without (as TRL's loss forward)")
     print(f"workload: P={P} prompts x G={G} completions, M={M} new tokens, S={S} steps, lr {args.lr}, "
-          f"temperature 1.0, {torch.get_num_threads()} threads, versions {res['versions']}")
+          f"prompts of {res['workload']['prompt_chars_mean']:.0f} characters on average ({args.fewshot} few-shot "
+          f"examples), temperature 1.0, {torch.get_num_threads()} threads, versions {res['versions']}")
 
     def side_dsv4() -> None:
         print("dsv4 GRPOTrainer:", flush=True)

@@ -130,3 +130,41 @@ def test_metric_band_stops_a_disagreeing_run(tmp_path: Path) -> None:
         next(trainer.engine.model.parameters()).add_(0.5)
     with pytest.raises(RuntimeError, match="rollout_vs_train_logprob_abs_diff_max"):
         trainer.step(0)
+
+
+@pytest.mark.parametrize("loss_norm", ["token", "sequence", "constant"])
+def test_micro_batches_accumulate_the_whole_batch_gradient(tmp_path: Path, loss_norm: str) -> None:
+    """Forwards of one group at a time give the gradient of one forward over all groups."""
+    grads: list[dict[str, torch.Tensor]] = []
+    losses = []
+    for micro in (None, 1):
+        trainer = _trainer(tmp_path, true_on_policy=True, loss_norm=loss_norm, micro_batch_groups=micro,
+                           grad_clip=1e9)  # no clipping, which would hide a wrong scale
+        trainer.optimizer.step = lambda *a, **k: grads.append(  # type: ignore[method-assign]
+            {n: p.grad.clone() for n, p in trainer.policy.named_parameters() if p.grad is not None})
+        metrics = trainer.step(0)
+        assert metrics["optimizer_steps"] == 1.0
+        losses.append(metrics["loss"])
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, g in grads[0].items():
+        assert (g - grads[1][name]).abs().max().item() <= 1e-5 * (1 + g.abs().max().item()), name
+    assert abs(losses[0] - losses[1]) < 1e-6
+
+
+def test_epochs_and_mini_batches_take_several_clipped_steps(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, true_on_policy=True, lr=3e-2, epochs=2, mini_batches=3)
+    metrics = trainer.step(0)
+    assert metrics["optimizer_steps"] == 6.0
+    # measured before the first update, on the sequences it trains: still exactly on-policy
+    assert metrics["rollout_vs_train_logprob_abs_diff_max"] == 0.0
+    # the later steps see a moved policy: ratios leave 1 and the clip starts to act
+    assert metrics["policy_ratio_mean"] != 1.0 and metrics["policy_approx_kl"] > 0
+    assert metrics["policy_n_tokens"] == 2 * metrics["completion_tokens"]
+    assert trainer.checksum == weights_checksum(trainer.engine.model) == weights_checksum(trainer.policy)
+
+
+def test_update_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="mini_batches"):
+        GRPOConfig(mini_batches=0)
+    with pytest.raises(ValueError, match="micro_batch_groups"):
+        GRPOConfig(micro_batch_groups=0)

@@ -49,6 +49,16 @@ class GRPOConfig(BaseModel):
     weight_decay: float = Field(default=0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = Field(default=1.0, gt=0)
+    # Optimizer steps per batch of rollouts: `epochs` passes (PPO epochs, TRL's num_iterations), each in
+    # `mini_batches` chunks of whole groups (TRL's steps_per_generation). With more than one step the
+    # later ones are off-policy and the clip bounds the ratio to the behaviour (rollout) logprobs.
+    epochs: int = Field(default=1, ge=1)
+    mini_batches: int = Field(default=1, ge=1)
+    # Groups per forward/backward inside a mini-batch (gradient accumulation, for memory); None: all.
+    micro_batch_groups: int | None = Field(default=None, ge=1)
+    # torch's fused AdamW (one kernel for every tensor: 8 -> 2 ms a step on a 2.4M-parameter model);
+    # off: the per-tensor loop, whose rounding differs slightly (the arithmetic of earlier releases)
+    fused_optimizer: bool = True
     dynamic_sampling: bool = True  # drop zero-variance groups, refill from more prompts
     max_refills: int = Field(default=2, ge=0)
     overlong_buffer: int = Field(default=0, ge=0)  # DAPO soft overlong penalty over the last N tokens
@@ -86,6 +96,25 @@ class _StepData:
     all_rewards: list[float] = field(default_factory=list)  # every sampled completion, before filtering
 
 
+@dataclass(slots=True)
+class _Accumulated:
+    """What a step's optimizer updates report: policy-loss statistics weighted by tokens (counts summed),
+    each update's loss and gradient norm, and the rollout/trainer logprob differences measured before
+    the first update."""
+
+    stats: dict[str, float] = field(default_factory=dict)
+    weight: dict[str, float] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    diffs: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, stats: dict[str, float], tokens: float) -> None:
+        for k, v in stats.items():
+            w = 1.0 if k == "n_tokens" else tokens  # a count adds up; the rest are token means
+            self.stats[k] = self.stats.get(k, 0.0) + v * w
+            self.weight[k] = 1.0 if k == "n_tokens" else self.weight.get(k, 0.0) + tokens
+
+
 class GRPOTrainer:
     """Trains ``policy`` in place; ``engine`` holds its own copy of the weights for rollouts."""
 
@@ -111,6 +140,7 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(
             [p for p in policy.parameters() if p.requires_grad],
             lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+            **({"fused": True} if config.fused_optimizer else {}),
         )
         self.reference = clone_model(policy) if config.kl_coef > 0 else None
         self.checksum = sync_weights(policy, engine.model)
@@ -161,6 +191,46 @@ class GRPOTrainer:
         return data
 
     # ------------------------------------------------------------------------------------------
+    def _update(self, rollouts: list[Rollout], advantages: torch.Tensor, acc: _Accumulated) -> None:
+        """One optimizer step on ``rollouts`` (whole groups), in forwards of ``micro_batch_groups`` groups
+        whose gradients add up to those of the whole mini-batch's loss."""
+        cfg = self.config
+        size = (cfg.micro_batch_groups or len(rollouts)) * cfg.group_size
+        parts = [range(i, min(i + size, len(rollouts))) for i in range(0, len(rollouts), size)]
+        tokens = sum(len(r.completion_ids) for r in rollouts)
+        first_update = not acc.grad_norms  # the policy is still the one that sampled
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total = 0.0
+        for part in parts:
+            chunk = [rollouts[i] for i in part]
+            batch = CompletionBatch([r.prompt_ids + r.completion_ids for r in chunk], [len(r.prompt_ids) for r in chunk],
+                                    [r.routing for r in chunk] if cfg.routing_replay else None)
+            logps, _ = completion_logprobs(self.policy, batch, replay=cfg.routing_replay,
+                                           share_prompts=cfg.share_prompt)
+            logp, mask = pad(logps)
+            old, _ = pad([torch.tensor(r.behaviour_logprobs) for r in chunk])
+            if first_update:
+                acc.diffs.append((logp.detach() - old).abs()[mask])
+            ref = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref, _ = pad(completion_logprobs(self.reference, batch, replay=cfg.routing_replay,
+                                                     share_prompts=cfg.share_prompt)[0])
+            loss, stats = algorithms.policy_loss(
+                logp, old, advantages[part.start : part.stop], mask, method=cfg.method, clip_low=cfg.clip_low,
+                clip_high=cfg.clip_high, ref_logp=ref, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
+                loss_norm=cfg.loss_norm, max_len=cfg.max_new_tokens,
+            )
+            # The mini-batch's loss is this part's, weighted by its share of the normaliser.
+            share = float(mask.sum()) / tokens if cfg.loss_norm == "token" else len(chunk) / len(rollouts)
+            torch.autograd.backward(loss if len(parts) == 1 else loss * share)
+            loss_total += float(loss.detach()) * share
+            acc.add(stats, float(mask.sum()))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        acc.losses.append(loss_total)
+        acc.grad_norms.append(float(grad_norm))
+
     def step(self, step: int) -> dict[str, float]:
         """One GRPO update; returns the step's metrics."""
         cfg = self.config
@@ -187,40 +257,29 @@ class GRPOTrainer:
                                                              cfg.overlong_penalty)
         advantages = algorithms.group_advantages(rewards, cfg.group_size, method=cfg.method)
 
-        batch = CompletionBatch(
-            [r.prompt_ids + r.completion_ids for r in data.rollouts],
-            [len(r.prompt_ids) for r in data.rollouts],
-            [r.routing for r in data.rollouts] if cfg.routing_replay else None,
-        )
+        # Optimizer steps: `epochs` passes over the batch, each in `mini_batches` chunks of whole groups
+        # (the first pass in sampling order, later ones in a seeded permutation of the groups).
+        groups = len(data.rollouts) // cfg.group_size
         self.policy.train()
-        logps, _ = completion_logprobs(self.policy, batch, replay=cfg.routing_replay, share_prompts=cfg.share_prompt)
-        logp, mask = pad(logps)
-        old, _ = pad([torch.tensor(r.behaviour_logprobs) for r in data.rollouts])
-        diff = (logp.detach() - old).abs()[mask]
-        ref = None
-        if self.reference is not None:
-            with torch.no_grad():
-                ref, _ = pad(completion_logprobs(self.reference, batch, replay=cfg.routing_replay,
-                                                 share_prompts=cfg.share_prompt)[0])
-        loss, stats = algorithms.policy_loss(
-            logp, old, advantages, mask, method=cfg.method, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-            ref_logp=ref, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, loss_norm=cfg.loss_norm,
-            max_len=cfg.max_new_tokens,
-        )
-        self.optimizer.zero_grad(set_to_none=True)
-        torch.autograd.backward(loss)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        acc = _Accumulated()
+        for epoch in range(cfg.epochs):
+            order = (torch.arange(groups) if epoch == 0 else
+                     torch.randperm(groups, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + step * 101 + epoch)))
+            for chunk in torch.tensor_split(order, min(cfg.mini_batches, groups)):
+                rows = [g * cfg.group_size + j for g in chunk.tolist() for j in range(cfg.group_size)]
+                self._update([data.rollouts[i] for i in rows], advantages[rows], acc)
         self.policy.eval()
         self.checksum = sync_weights(self.policy, self.engine.model)
+        diff = torch.cat(acc.diffs) if acc.diffs else torch.zeros(0)
         metrics.update(
-            {f"policy_{k}": v for k, v in stats.items()},
-            loss=float(loss.detach()),
-            grad_norm=float(grad_norm),
+            {f"policy_{k}": v / acc.weight[k] for k, v in acc.stats.items()},
+            loss=_mean(acc.losses),
+            grad_norm=_mean(acc.grad_norms),
+            optimizer_steps=float(len(acc.grad_norms)),
             accuracy=_mean([float(r.correct) for r in data.rollouts]),
             rollout_vs_train_logprob_abs_diff_max=float(diff.max()) if diff.numel() else 0.0,
             rollout_vs_train_logprob_abs_diff_mean=float(diff.mean()) if diff.numel() else 0.0,
-            completion_tokens=float(mask.sum()),
+            completion_tokens=float(sum(len(r.completion_ids) for r in data.rollouts)),
             rollout_seconds=t_rollout,
             step_seconds=time.perf_counter() - t0,
         )
