@@ -278,3 +278,16 @@ def test_samples_that_find_no_pages_prefill_themselves(model_dir: Path) -> None:
     _, shared = _samples(model_dir, True, [prompt], params, max_num_seqs=2, page_size=2, kv_cache_tokens=110)
     _, alone = _samples(model_dir, False, [prompt], params, max_num_seqs=2, page_size=2, kv_cache_tokens=110)
     assert [o.token_ids for o in shared[0].outputs] == [o.token_ids for o in alone[0].outputs]
+
+
+def test_a_checkpoint_path_with_a_config_object(model_dir: Path, tmp_path: Path) -> None:
+    """``Engine(path, config=EngineConfig(...))`` serves that checkpoint with those options."""
+    from dsv4.engine.engine import EngineConfig
+
+    engine = Engine(model_dir, config=EngineConfig(max_num_seqs=3))
+    assert engine.config.model == str(model_dir) and engine.config.max_num_seqs == 3
+    assert engine.generate([5, 6, 7], SamplingParams(max_tokens=2, temperature=0))[0].outputs[0].token_ids
+    same = Engine(model_dir, config=EngineConfig(model=str(model_dir)))
+    assert same.config.model == str(model_dir)
+    with pytest.raises(ValueError, match="two checkpoints given"):
+        Engine(model_dir, config=EngineConfig(model=str(tmp_path)))

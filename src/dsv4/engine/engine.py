@@ -96,11 +96,15 @@ class Engine:
         config: EngineConfig | None = None,
         **options: Any,
     ) -> None:
+        path = None if model is None or isinstance(model, Transformer) else str(model)
         if config is None:
-            path = None if model is None or isinstance(model, Transformer) else str(model)
             config = EngineConfig(model=path, **options)
-        elif options:  # validated like the constructor's options (model_copy would not check them)
-            config = EngineConfig.model_validate({**config.model_dump(), **options})
+        else:
+            if path is not None and config.model is not None and Path(path) != Path(config.model):
+                raise ValueError(f"two checkpoints given: {path!r} and config.model={config.model!r}")
+            if options or (path is not None and config.model is None):
+                # validated like the constructor's options (model_copy would not check them)
+                config = EngineConfig.model_validate({**config.model_dump(), **options, "model": path or config.model})
         self.config = config
         if config.tune_allocator:
             tune_allocator()
