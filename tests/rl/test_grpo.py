@@ -168,3 +168,12 @@ def test_update_options_are_validated() -> None:
         GRPOConfig(mini_batches=0)
     with pytest.raises(ValueError, match="micro_batch_groups"):
         GRPOConfig(micro_batch_groups=0)
+
+
+def test_learning_rate_schedule(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, true_on_policy=False, lr=1e-3, warmup_steps=2, schedule="cosine", steps=6,
+                       min_lr_ratio=0.1)
+    lrs = [trainer.step(i)["lr"] for i in range(6)]
+    assert lrs[:2] == [5e-4, 1e-3]  # warm-up
+    assert lrs[2] == 1e-3 and all(a > b for a, b in zip(lrs[2:], lrs[3:]))  # cosine decay from the peak
+    assert trainer.optimizer.param_groups[0]["lr"] == lrs[-1] > 1e-4

@@ -18,6 +18,7 @@ Everything here is a pure function of its tensors (no module state, no device or
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "filter_groups",
     "group_advantages",
     "kl_estimate",
+    "lr_at",
     "mtp_loss",
     "overlong_penalty",
     "policy_loss",
@@ -42,6 +44,7 @@ AdvantageMethod = Literal["grpo", "drgrpo", "gspo"]
 PolicyMethod = Literal["grpo", "drgrpo", "gspo"]
 KLEstimator = Literal["k1", "k2", "k3"]
 LossNorm = Literal["token", "sequence", "constant"]
+Schedule = Literal["constant", "cosine"]
 
 
 # ------------------------------------------------------------------------------------------------ advantages
@@ -300,3 +303,18 @@ def mtp_loss(mtp_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
                          f"{tuple(mask.shape)}: expected [..., L, V], [..., L], [..., L]")
     valid = mask.bool()
     return sft_loss(mtp_logits[..., :-1, :], targets[..., 1:], valid[..., :-1] & valid[..., 1:])
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def lr_at(step: int, lr: float, *, warmup_steps: int, schedule: Schedule, total_steps: int,
+          min_lr_ratio: float) -> float:
+    """The learning rate of (0-based) ``step``: linear warm-up over ``warmup_steps``, then ``lr`` (constant)
+    or a cosine decay to ``min_lr_ratio · lr`` at ``total_steps``. A function of the step alone, so a
+    resumed run continues exactly."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

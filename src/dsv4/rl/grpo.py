@@ -46,6 +46,10 @@ class GRPOConfig(BaseModel):
     kl_coef: float = Field(default=0.0, ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     lr: float = Field(default=1e-4, gt=0)
+    # Linear warm-up over `warmup_steps`, then constant or cosine decay to min_lr_ratio · lr at `steps`.
+    warmup_steps: int = Field(default=0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     weight_decay: float = Field(default=0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = Field(default=1.0, gt=0)
@@ -235,6 +239,10 @@ class GRPOTrainer:
         """One GRPO update; returns the step's metrics."""
         cfg = self.config
         t0 = time.perf_counter()
+        lr = algorithms.lr_at(step, cfg.lr, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+                              total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         data = self._collect(step)
         t_rollout = time.perf_counter() - t0
         metrics: dict[str, float] = {
@@ -276,6 +284,7 @@ class GRPOTrainer:
             loss=_mean(acc.losses),
             grad_norm=_mean(acc.grad_norms),
             optimizer_steps=float(len(acc.grad_norms)),
+            lr=lr,
             accuracy=_mean([float(r.correct) for r in data.rollouts]),
             rollout_vs_train_logprob_abs_diff_max=float(diff.max()) if diff.numel() else 0.0,
             rollout_vs_train_logprob_abs_diff_mean=float(diff.mean()) if diff.numel() else 0.0,

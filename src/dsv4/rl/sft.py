@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -85,13 +84,8 @@ class SFTTrainer:
     def lr_at(self, step: int) -> float:
         """The learning rate of (0-based) ``step``."""
         cfg = self.config
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
-            return cfg.lr
-        span = max(1, cfg.max_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
-        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return algorithms.lr_at(step, cfg.lr, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+                                total_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio)
 
     def step(self, step: int) -> dict[str, float]:
         """One optimisation step on a fresh batch; its metrics."""
