@@ -243,6 +243,21 @@ MATH_CASES = [
     ("5", r"\boxed{5} or maybe \boxed{6}", 0.0),
     ("5", "", 0.0),
     ("5", "no answer here", 0.0),
+    # LaTeX written without delimiters, and intervals / sets / tuples / lists that are one answer
+    (r"\sqrt{8}", r"2\sqrt{2}", 1.0),
+    (r"\sqrt{8}", r"The answer is 2\sqrt{2}", 1.0),
+    ("[0,1)", "[0,1)", 1.0),
+    ("[0,1)", r"x \in [0, 1)", 1.0),
+    (r"\{2,1\}", r"The answer is $\{1,2\}$.", 1.0),
+    ("(2,5)", "The interval is (2, 5).", 1.0),
+    ("1, 2", "The roots are 1, 2", 1.0),
+    ("1, 2", "The roots are 1, 2, 3", 0.0),
+    ("[0,1)", "[0,1]", 0.0),
+    ("25", "12 + 13 = 25", 1.0),
+    ("579", "I think 578, no wait, 579", 1.0),
+    ("579", "578, 579", 0.0),  # a bare list of candidates is spraying
+    ("579", "1, 2, 579", 0.0),
+    ("579", "(578, 579)", 0.0),  # a bracketed list is one answer, and a wrong one
 ]
 
 

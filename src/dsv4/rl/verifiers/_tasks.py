@@ -9,7 +9,33 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["math_equivalent", "regex_match_all", "regex_spans"]
+__all__ = ["bare_answer", "math_equivalent", "regex_match_all", "regex_spans"]
+
+_DELIMITERS = ("$", "\\boxed", "\\fbox", "\\(", "\\[")
+# Prose that introduces a final answer on its line ("The answer is", "the roots are", "Answer:").
+_CUE = re.compile(r"(?i)(?:\banswer\b(?:\s+is)?\s*:?|\bis\b|\bare\b|\bequals\b|:)\s*")
+_COMMAND = re.compile(r"\\[A-Za-z]+")
+
+
+def bare_answer(completion: str) -> str | None:
+    """The final answer of a completion that writes LaTeX without delimiters ("2\\sqrt{2}", "[0, 1)",
+    "x \\in [0,1)", "The roots are 1, 2"), wrapped in ``$…$`` for math-verify's LaTeX extraction: the
+    last line, after its last answer cue, when what is left is an expression rather than prose.
+    ``None`` when the completion has delimiters or boxes (math-verify finds those itself) or no such line.
+    """
+    if any(d in completion for d in _DELIMITERS):
+        return None
+    lines = [line for line in completion.splitlines() if line.strip()]
+    if not lines:
+        return None
+    line = lines[-1]
+    cues = list(_CUE.finditer(line))
+    if cues:
+        line = line[cues[-1].end() :]
+    line = line.strip().rstrip(".!;").strip()
+    if not line or re.search(r"[A-Za-z]{2,}", _COMMAND.sub(" ", line)):  # words: prose, not an expression
+        return None
+    return f"${line}$"
 
 
 def regex_spans(pattern: str, text: str) -> list[str]:
@@ -39,7 +65,10 @@ def math_equivalent(
 
     config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
     limit = parse_timeout or None  # None turns math-verify's alarm off; the pool's timeout still holds
-    pred = parse(completion, extraction_config=config, parsing_timeout=limit, raise_on_error=True)
+    bare = bare_answer(completion)
+    pred = parse(bare, extraction_config=config, parsing_timeout=limit, raise_on_error=True) if bare else []
+    if not pred:
+        pred = parse(completion, extraction_config=config, parsing_timeout=limit, raise_on_error=True)
     if not pred:
         return False, None
     extracted = str(pred[-1])[:200]

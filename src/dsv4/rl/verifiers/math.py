@@ -1,7 +1,8 @@
 """``math``: mathematical equivalence of the final answer and the reference, decided by math-verify.
 
 The answer is taken from ``\\boxed{...}`` first, then from a final-answer phrase or the last expression
-(math-verify's extraction), after the completion's reasoning. ``\\frac{1}{2}`` and ``0.5``,
+(math-verify's extraction), after the completion's reasoning; a completion that writes LaTeX without
+delimiters has its last line's answer wrapped in ``$…$`` first (:func:`~dsv4.rl.verifiers._tasks.bare_answer`). ``\\frac{1}{2}`` and ``0.5``,
 ``2\\sqrt{2}`` and ``\\sqrt{8}``, ``\\{1,2,3\\}`` and ``\\{3,2,1\\}``, ``[0, 1)`` written either way are
 equivalent; different values, intervals or sets are not.
 
@@ -14,6 +15,7 @@ that sample's recorded failure, and the event loop never waits on sympy.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -53,12 +55,21 @@ class MathOptions(Options):
     numeric_precision: int = Field(15, gt=0, description="math-verify: significant digits of numeric checks.")
 
 
-def _sprayed(text: str) -> bool:
-    """Several different boxed answers, or (with none boxed) a trailing list of different numbers."""
+# A list that closes its line inside brackets: one interval, set or tuple ("[0, 1)", "\\{1, 2\\}", "(3, 4).").
+_ENCLOSED = re.compile(r"[(\[{][^()\[\]{}]*[)\]}]\s*[.!;]?\s*$")
+
+
+def _sprayed(text: str, golds: Sequence[str]) -> bool:
+    """Several different boxed answers, or (with none boxed) a trailing list of different numbers that is
+    not one bracketed answer, when the reference is a single value (a reference with a comma is itself
+    a list, and a list answer is then compared as a whole)."""
     boxed = {"".join(b.split()) for b in boxed_contents(text)}
     if boxed:
         return len(boxed) > 1
-    return ends_in_list(next((line for line in reversed(text.splitlines()) if line.strip()), ""))
+    if any("," in g for g in golds):
+        return False
+    last = next((line for line in reversed(text.splitlines()) if line.strip()), "")
+    return ends_in_list(last) and _ENCLOSED.search(last) is None
 
 
 class MathVerifier:
@@ -103,7 +114,7 @@ class MathVerifier:
         text = text[-self.options.max_chars :]
         if not text.strip():
             return VerifyResult(0.0, False, details={"reason": "no answer"})
-        if self.options.strict_single and _sprayed(text):
+        if self.options.strict_single and _sprayed(text, golds):
             return VerifyResult(0.0, False, details={"reason": "several different answers"})
         o = self.options
         try:
