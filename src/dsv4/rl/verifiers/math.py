@@ -2,9 +2,9 @@
 
 The answer is taken from ``\\boxed{...}`` first, then from a final-answer phrase or the last expression
 (math-verify's extraction), after the completion's reasoning; a completion that writes LaTeX without
-delimiters has its last line's answer wrapped in ``$…$`` first (:func:`~dsv4.rl.verifiers._tasks.bare_answer`). ``\\frac{1}{2}`` and ``0.5``,
-``2\\sqrt{2}`` and ``\\sqrt{8}``, ``\\{1,2,3\\}`` and ``\\{3,2,1\\}``, ``[0, 1)`` written either way are
-equivalent; different values, intervals or sets are not.
+delimiters has its last line's answer wrapped in ``$…$`` first (``_tasks.bare_answer``).
+``\\frac{1}{2}`` and ``0.5``, ``2\\sqrt{2}`` and ``\\sqrt{8}``, ``\\{1,2,3\\}`` and ``\\{3,2,1\\}``,
+``[0, 1)`` written either way are equivalent; different values, intervals or sets are not.
 
 math-verify times out with ``signal.alarm``, which works only in a main thread, and sympy can still
 spend a long time in C code. So every check runs in a worker process (its main thread, the alarm
