@@ -43,3 +43,20 @@ def test_sft_ids(tmp_path: Path) -> None:
     # what GRPO's rollouts and the evaluation prompt the engine with
     assert [tokenizer.encode(p.prompt) for p in problems] == [
         [0, 5, 8, 4, 12, 10, 5, 5, 13], [0, 10, 3, 6, 12, 3, 4, 9, 13], [0, 5, 6, 9, 12, 10, 5, 7, 13]]
+
+
+def test_the_recipe_uses_these_streams() -> None:
+    import dsv4
+    from dsv4.core.runconfig import load_run_config
+    from dsv4.rl.recipe import TrainConfig, _addition_task
+
+    config = load_run_config(TrainConfig, Path(dsv4.__file__).parent / "recipes" / "addition.yaml", [])
+    assert (config.task, config.seed, config.max_digits, config.digit_weights) == ("addition", SEED, MAX_DIGITS,
+                                                                                  DIGIT_WEIGHTS)
+    task = _addition_task(config)
+    assert task.sft_problems is task.grpo_problems  # one training stream for both phases
+    assert [p.prompt for p in task.sft_problems(6, 0)] == _recipe_stream(6, 0)
+    assert [p.prompt for p in task.grpo_problems(4, 3)] == _recipe_stream(4, 3)
+    assert [p.prompt for p in task.eval_problems[:4]] == ["746+294=", "376+866=", "738+252=", "310+690="]
+    assert len(task.eval_problems) == 500 and task.max_new_tokens == MAX_DIGITS + 2
+    assert all(p.reference == {"answer": p.answer} for p in task.eval_problems)  # what the verifier gets
