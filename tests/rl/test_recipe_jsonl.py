@@ -241,3 +241,27 @@ def test_each_verifier_scores_with_a_lines_reference(tmp_path: Path, trainer: GR
     rollouts = [Rollout(problem, [], [], text, [], None, "stop") for text in (right, wrong)]
     trainer.score(rollouts)  # what a GRPO step does with its rollouts
     assert [(r.reward, r.correct, r.error) for r in rollouts] == [(1.0, True, None), (0.0, False, None)]
+
+
+# ------------------------------------------------------------------------------------------------ the example
+def test_the_example_recipe_runs_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import dsv4
+    from dsv4.cli import main
+
+    recipe = Path(dsv4.__file__).parent / "recipes" / "jsonl_example.yaml"
+    with pytest.raises(ConfigError, match="needs tokenizer=DIR"):
+        load_run_config(TrainConfig, recipe, ["data.train=t.jsonl"])  # the user sets the data and a model
+    train = jsonl(tmp_path / "train.jsonl", train_lines(12))
+    small = ["model.vocab_size=16", "model.hidden_size=64", "model.num_hidden_layers=2",
+             "model.layer_types=[sliding_attention,compressed_sparse_attention]", "model.mlp_layer_types=[moe,moe]",
+             "engine.max_model_len=16", "engine.max_num_seqs=16", "sft.max_steps=2", "sft.batch_size=4",
+             "grpo.steps=1", "grpo.prompts_per_step=2", "grpo.group_size=2", "grpo.max_new_tokens=3",
+             "eval_problems=2", "progress=false"]
+    args = ["train", "--recipe", "jsonl_example", "--output", str(tmp_path / "run"),
+            f"tokenizer={tokenizer_dir(tmp_path / 'tok')}", *small]
+    assert main([*args, f"data.train={train}"]) == 0
+    assert (tmp_path / "run" / "final" / "tokenizer.json").is_file()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(train.read_text() + '{"prompt": ["1+1="]}\n')
+    assert main([*args, f"data.train={bad}"]) == 2
+    assert f"error: {bad}:13: 'prompt' must be a string, got a list" in capsys.readouterr().err
