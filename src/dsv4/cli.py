@@ -157,7 +157,7 @@ def _add_train(subparsers: _Subparsers) -> None:
         description="Train with a YAML recipe plus key=value overrides; rerunning the same command resumes.",
     )
     parser.add_argument("--recipe", default="addition",
-                        help="a bundled recipe name (addition) or a YAML file (default: addition)")
+                        help="a bundled recipe name (addition, jsonl_example) or a YAML file (default: addition)")
     parser.add_argument("--output", help="output directory (wins over the recipe's output_dir)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="recipe overrides, e.g. seed=1 grpo.steps=200 sft.batch_size=128")

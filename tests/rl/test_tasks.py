@@ -118,3 +118,25 @@ def test_encode_sft_with_the_char_tokenizer(tmp_path: Path) -> None:
     assert ids == [0, 3, 4, 12, 5, 13, 3, 7, 1]
     assert n_prompt == 6
     assert tok.decode(ids[n_prompt:]) == "15"
+
+
+def test_problem_carries_its_reference_and_response() -> None:
+    p = Problem("Q: 2+2?", reference={"answer": 4, "unit": "apples"}, response="4 apples")
+    assert p.answer == "4" and p.reference == {"answer": 4, "unit": "apples"} and p.response == "4 apples"
+    assert Problem.of(1, 2).reference == {"answer": "3"} and Problem.of(1, 2).response is None
+    # equal problems hash equally; the reference takes part in equality
+    assert len({p, Problem("Q: 2+2?", reference={"answer": 4, "unit": "apples"}, response="4 apples")}) == 1
+    assert p != Problem("Q: 2+2?", reference={"answer": 5, "unit": "apples"}, response="4 apples")
+    assert Problem("1+2=", "3") == Problem("1+2=", reference={"answer": "3"})
+    with pytest.raises(ValueError, match="no reference answer"):
+        _ = Problem("code", reference={"tests": []}).answer
+    with pytest.raises(ValueError, match="disagrees"):
+        Problem("1+2=", "3", reference={"answer": "4"})
+
+
+def test_encode_sft_trains_on_the_response(tmp_path: Path) -> None:
+    tok = write_char_tokenizer(tmp_path, alphabet=ALPHABET)
+    ids, n_prompt = encode_sft(Problem("12+3=", "15", response="15 "), tok)
+    assert ids == [0, 3, 4, 12, 5, 13, 3, 7, 14, 1] and n_prompt == 6  # the response, its space (14), EOS
+    with pytest.raises(ValueError, match="no reference answer"):
+        encode_sft(Problem("12+3=", reference={"pattern": "1."}), tok)  # no response and no answer

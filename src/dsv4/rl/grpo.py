@@ -169,8 +169,9 @@ class GRPOTrainer:
         return rollouts
 
     def score(self, rollouts: Sequence[Rollout]) -> None:
-        """Rewards from the verifier (a crashed or timed-out check is a recorded failure, reward 0)."""
-        samples = [VerifySample(r.problem.prompt, r.text, {"answer": r.problem.answer}) for r in rollouts]
+        """Rewards from the verifier, which gets each problem's whole reference (a crashed or timed-out check
+        is a recorded failure, reward 0)."""
+        samples = [VerifySample(r.problem.prompt, r.text, r.problem.reference) for r in rollouts]
         results = asyncio.run(self.verifier.verify(samples))
         for r, res in zip(rollouts, results, strict=True):
             r.reward, r.correct, r.error = res.reward, res.correct, res.error
@@ -305,11 +306,12 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 def greedy_accuracy(engine: Engine, verifier: Verifier, problems: Sequence[Problem], max_new_tokens: int) -> float:
-    """Fraction of ``problems`` the engine's greedy completion gets right, by the verifier."""
+    """Fraction of ``problems`` the engine's greedy completion gets right, by the verifier (which gets each
+    problem's whole reference)."""
     assert engine.tokenizer is not None
     prompts = [engine.tokenizer.encode(p.prompt) for p in problems]
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_new_tokens))
-    samples = [VerifySample(p.prompt, o.outputs[0].text, {"answer": p.answer}) for p, o in zip(problems, outs)]
+    samples = [VerifySample(p.prompt, o.outputs[0].text, p.reference) for p, o in zip(problems, outs)]
     results = asyncio.run(verifier.verify(samples))
     return _mean([float(r.correct) for r in results])
 

@@ -1,6 +1,7 @@
 """``dsv4 train``: a recipe = a model, a task, an SFT warm start and a GRPO phase, checkpointed and resumable.
 
-A thin assembly: config → tokenizer, model, engine, verifier (plugins) → SFT loop → GRPO loop.
+A thin assembly: config → tokenizer, task data, model, engine, verifier (plugins) → SFT loop → GRPO loop.
+The task is the built-in addition task or records from jsonl files (:mod:`dsv4.rl.dataset`).
 Each phase writes metrics to jsonl, curves to PNG and atomic checkpoints; rerunning the same command
 resumes from the last checkpoint and continues bit-exactly.
 """
@@ -10,8 +11,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from loguru import logger
@@ -24,6 +27,7 @@ from dsv4.core.runconfig import RunConfigModel
 from dsv4.engine.engine import Engine, EngineConfig
 from dsv4.engine.tokenizer import Tokenizer
 from dsv4.model import Transformer, build_model, load_model, save_model
+from dsv4.rl.dataset import DataConfig, Dataset, EpochSampler
 from dsv4.rl.grpo import GRPOConfig, GRPOTrainer, greedy_accuracy
 from dsv4.rl.monitor import MetricBands, MetricsLog, plot_curves
 from dsv4.rl.policy import clone_model, sync_weights
@@ -56,10 +60,14 @@ class TrainConfig(RunConfigModel):
 
     output_dir: str = "runs/addition"
     seed: int = 0
-    task: str = "addition"
+    # "addition": the built-in task (max_digits, digit_weights); "jsonl": the records of the `data` files.
+    task: Literal["addition", "jsonl"] = "addition"
     max_digits: int = Field(default=3, ge=1, le=6)
     digit_weights: list[float] | None = None  # relative frequency of 1..max_digits-digit problems
+    data: DataConfig | None = None  # task=jsonl: the record files and how to read them
     init_from: str | None = None  # a checkpoint directory; None: a fresh model from `model`
+    # task=jsonl: a directory with tokenizer.json (+ tokenizer_config.json); default: init_from's
+    tokenizer: str | None = None
     model: dict[str, Any] = Field(default_factory=lambda: dict(ADDITION_MODEL))
     init_std: float = Field(default=0.02, gt=0)
     sft: SFTConfig = Field(default_factory=SFTConfig)
@@ -86,6 +94,21 @@ class TrainConfig(RunConfigModel):
             AdditionTask(self.max_digits, digit_weights=self.digit_weights)  # raises naming digit_weights
         return self
 
+    @model_validator(mode="after")
+    def _task_has_its_inputs(self) -> TrainConfig:
+        if self.task == "jsonl":
+            if self.data is None:
+                raise ValueError("task=jsonl trains on the records of `data`: set data.train (a .jsonl file)")
+            if self.init_from is None and self.tokenizer is None:
+                raise ValueError("task=jsonl with a fresh model needs tokenizer=DIR (a directory with "
+                                 "tokenizer.json); or start from a checkpoint with init_from=DIR")
+        else:  # options the addition task would silently ignore
+            for name in ("data", "tokenizer"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is read by task=jsonl only; task=addition makes its own problems "
+                                     "and uses its character tokenizer")
+        return self
+
     @field_validator("engine", mode="before")
     @classmethod
     def _engine_over_default(cls, value: Any) -> Any:
@@ -100,34 +123,26 @@ def run_recipe(config: TrainConfig) -> dict[str, Any]:
     (out / "config.json").write_text(config.model_dump_json(indent=2))
     torch.manual_seed(config.seed)
     tok_dir = out / "tokenizer"
-    tokenizer = _tokenizer(tok_dir)
-    policy = _policy(config)
-    task = AdditionTask(config.max_digits, seed=config.seed)
-
-    def train_problems(n: int, salt: int) -> list[Problem]:
-        stream = AdditionTask(config.max_digits, seed=config.seed * 7_919 + salt, digit_weights=config.digit_weights)
-        return stream.sample(n, "train")
-
-    # The acceptance metric: unseen additions of two 3-digit numbers (held-out problems of the task's own
-    # size when it is smaller).
-    heldout = (task.unseen_3digit(config.eval_problems) if config.max_digits >= 3
-               else task.sample(config.eval_problems, "heldout"))
+    tokenizer = _tokenizer(tok_dir) if config.task == "addition" else _copy_tokenizer(config, tok_dir)
+    # A bad record fails here, before a model is built or a step trained.
+    data = Dataset.load(config.data, tokenizer) if config.data is not None else None
+    policy = _policy(config, tokenizer)
     engine_cfg = config.engine.model_copy(update={"return_token_logprobs": True,
                                                    "record_routing": config.grpo.routing_replay,
                                                    "batch_invariant": config.grpo.true_on_policy})
     engine = Engine(clone_model(policy), tokenizer=tokenizer, config=engine_cfg)
+    task = _addition_task(config) if data is None else _dataset_task(config, data, tokenizer, engine.max_model_len)
     verifier = get_registry().select("verifier", config.verifier, config.verifier_options)(**config.verifier_options)
-    max_new = config.max_digits + 2
 
     def evaluate() -> float:
         sync_weights(policy, engine.model)
-        return greedy_accuracy(engine, verifier, heldout, max_new)
+        return greedy_accuracy(engine, verifier, task.eval_problems, task.max_new_tokens)
 
     summary: dict[str, Any] = {"seed": config.seed, "output_dir": str(out)}
     summary["initial_accuracy"] = evaluate()
 
     # ---------------------------------------------------------------- SFT warm start (to a band)
-    sft = SFTTrainer(policy, tokenizer, train_problems, config.sft)
+    sft = SFTTrainer(policy, tokenizer, task.sft_problems, config.sft)
     lo, hi = config.sft.target_accuracy
     sft_state = _resume(out / "sft" / "ckpt", policy, sft.optimizer)
     done = bool(sft_state.get("extra", {}).get("done"))
@@ -152,8 +167,8 @@ def run_recipe(config: TrainConfig) -> dict[str, Any]:
     summary.update(sft_steps=step, sft_accuracy=acc, sft_in_band=lo <= acc <= hi)
 
     # ---------------------------------------------------------------- GRPO with the verifier
-    grpo_cfg = config.grpo.model_copy(update={"max_new_tokens": max_new})
-    grpo = GRPOTrainer(policy, engine, verifier, train_problems, grpo_cfg, seed=config.seed)
+    grpo_cfg = config.grpo.model_copy(update={"max_new_tokens": task.max_new_tokens})
+    grpo = GRPOTrainer(policy, engine, verifier, task.grpo_problems, grpo_cfg, seed=config.seed)
     grpo_state = _resume(out / "grpo" / "ckpt", policy, grpo.optimizer)
     if grpo_state:
         grpo.checksum = sync_weights(policy, engine.model)
@@ -188,6 +203,66 @@ def run_recipe(config: TrainConfig) -> dict[str, Any]:
     return summary
 
 
+# -------------------------------------------------------------------------------------------- tasks
+@dataclass(frozen=True)
+class _Task:
+    """What the phases train and evaluate on."""
+
+    sft_problems: Callable[[int, int], list[Problem]]  # (n, salt) -> a batch; pure in (n, salt)
+    grpo_problems: Callable[[int, int], list[Problem]]
+    eval_problems: list[Problem]  # the held-out accuracy's problems
+    max_new_tokens: int  # for rollouts and evaluation
+
+
+def _addition_task(config: TrainConfig) -> _Task:
+    def train_problems(n: int, salt: int) -> list[Problem]:
+        stream = AdditionTask(config.max_digits, seed=config.seed * 7_919 + salt, digit_weights=config.digit_weights)
+        return stream.sample(n, "train")
+
+    task = AdditionTask(config.max_digits, seed=config.seed)
+    # The acceptance metric: unseen additions of two 3-digit numbers (held-out problems of the task's own
+    # size when it is smaller).
+    heldout = (task.unseen_3digit(config.eval_problems) if config.max_digits >= 3
+               else task.sample(config.eval_problems, "heldout"))
+    return _Task(train_problems, train_problems, heldout, config.max_digits + 2)
+
+
+# GRPOTrainer asks for batch `step * 1000 + refill`: refill 0 is the step's prompts, refill r > 0 replaces
+# the groups dynamic sampling dropped.
+_GRPO_SALT_STRIDE = 1000
+
+
+def _dataset_task(config: TrainConfig, data: Dataset, tokenizer: Tokenizer, max_model_len: int) -> _Task:
+    """Batches from :class:`EpochSampler` streams: SFT's step ``s`` is batch ``s`` of the records with a
+    response; GRPO's step ``s`` is batch ``s`` of all training records (so both phases walk whole epochs), and
+    each refill level draws from a stream of its own. Evaluation: the first ``eval_problems`` eval records."""
+    assert config.data is not None
+    sft_steps = config.sft.max_steps > 0
+    data.check_lengths(max_model_len, sft=sft_steps)
+    train = [r.problem for r in data.train]
+    answered = [p for p in train if p.response is not None]
+    if sft_steps and not answered:
+        raise ValueError(f"sft.max_steps={config.sft.max_steps}, but no training record of {config.data.train} "
+                         "has a 'response' to train on: add responses, or set sft.max_steps=0")
+    if sft_steps and tokenizer.eos_token_id is None:
+        raise ValueError(f"{tokenizer.name}: the tokenizer has no EOS token, which SFT targets end with")
+    seed = config.seed
+    grpo_streams: dict[int, EpochSampler] = {}
+
+    def grpo_problems(n: int, salt: int) -> list[Problem]:
+        step, refill = divmod(salt, _GRPO_SALT_STRIDE)
+        if refill not in grpo_streams:
+            grpo_streams[refill] = EpochSampler(train, f"{seed}:grpo" + (f":refill{refill}" if refill else ""))
+        return grpo_streams[refill](n, step)
+
+    # Without responses SFT runs no step, so its sampler is never asked.
+    sft_problems = EpochSampler(answered or train, f"{seed}:sft")
+    logger.info("task jsonl: {} training records ({} with a response), {} eval records (the first {} evaluated)",
+                len(train), len(answered), len(data.eval), min(len(data.eval), config.eval_problems))
+    return _Task(sft_problems, grpo_problems, [r.problem for r in data.eval[: config.eval_problems]],
+                 config.grpo.max_new_tokens)
+
+
 # -------------------------------------------------------------------------------------------- helpers
 # The model is a completion model: a chat request's last user message is its prompt ("123+456=").
 ADDITION_CHAT_TEMPLATE = (
@@ -203,13 +278,47 @@ def _tokenizer(path: Path) -> Tokenizer:
     return write_char_tokenizer(path, ALPHABET, chat_template=ADDITION_CHAT_TEMPLATE)
 
 
-def _policy(config: TrainConfig) -> Transformer:
+# What a checkpoint's tokenizer is made of besides config.json (the model's own, which save_model writes).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json",
+                    "chat_template.jinja", "generation_config.json")
+
+
+def _copy_tokenizer(config: TrainConfig, tok_dir: Path) -> Tokenizer:
+    """The tokenizer of ``config.tokenizer`` (else ``config.init_from``), its files copied into ``tok_dir``,
+    from where every checkpoint and ``final/`` take them."""
+    option = "tokenizer" if config.tokenizer is not None else "init_from"
+    source = Path(getattr(config, option))
+    if not (source / "tokenizer.json").is_file():
+        raise ValueError(f"{option}={source}: no tokenizer.json there; task=jsonl needs the model's tokenizer "
+                         "(set tokenizer=DIR)")
+    tokenizer = Tokenizer.from_pretrained(source)
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    if source.resolve() != tok_dir.resolve():
+        for name in _TOKENIZER_FILES:  # mirror the source: a file it lacks must not linger from another run
+            if (source / name).is_file():
+                shutil.copy2(source / name, tok_dir / name)
+            else:
+                (tok_dir / name).unlink(missing_ok=True)
+    return tokenizer
+
+
+def _policy(config: TrainConfig, tokenizer: Tokenizer) -> Transformer:
     if config.init_from:
-        return load_model(config.init_from)
-    model_cfg = ModelConfig.tiny(**config.model)
-    model = build_model(model_cfg, seed=config.seed)
-    model.init_weights(std=config.init_std, generator=torch.Generator().manual_seed(config.seed))
-    return model.eval()
+        model = load_model(config.init_from)
+    else:
+        overrides = dict(config.model)
+        if config.task == "jsonl":  # the special ids of the tokenizer, unless model.* sets them
+            overrides.setdefault("bos_token_id", tokenizer.bos_token_id)
+            overrides.setdefault("eos_token_ids", tokenizer.eos_token_ids)
+        model_cfg = ModelConfig.tiny(**overrides)
+        model = build_model(model_cfg, seed=config.seed)
+        model.init_weights(std=config.init_std, generator=torch.Generator().manual_seed(config.seed))
+        model = model.eval()
+    if config.task == "jsonl" and tokenizer.vocab_size > model.config.vocab_size:
+        fix = "use a checkpoint made for this tokenizer" if config.init_from else "set model.vocab_size"
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                         f"{model.config.vocab_size}: {fix}")
+    return model
 
 
 def _resume(ckpt: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

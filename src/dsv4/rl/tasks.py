@@ -1,4 +1,5 @@
-"""The addition task of the learning recipe: ``"123+456="`` → ``"579"``, with a held-out split by construction.
+"""Problems (a prompt and its verifier reference), and the learning recipe's addition task: ``"123+456="`` →
+``"579"``, with a held-out split by construction. Dataset-driven problems are read by :mod:`dsv4.rl.dataset`.
 
 The model's tokenizer is character-level, made by ``write_char_tokenizer(path, alphabet=ALPHABET)``: id 0 BOS,
 id 1 EOS, then ``"0123456789+= "`` in order (``"0"`` is id 2, ``"+"`` id 12, ``"="`` id 13). Prompts and answers
@@ -20,9 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from dsv4.engine.tokenizer import Tokenizer
@@ -35,12 +36,31 @@ _HELDOUT_MODULUS = 10  # 1 in 10 unordered pairs is held out
 _MAX_TRIES_PER_PROBLEM = 10_000  # rejection keeps ~10 % for held-out; far beyond this a split is empty
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Problem:
-    """One addition problem: ``prompt`` is ``"a+b="``, ``answer`` the decimal sum without leading zeros."""
+    """A prompt and what judges its completions.
+
+    ``reference`` is what a verifier reads (:attr:`~dsv4.core.interfaces.VerifySample.reference`): ``{"answer":
+    "579"}`` for an addition problem, a dataset record's own fields (``answer``, ``tests``, ``pattern``, …) for a
+    dataset problem. ``response`` is the completion SFT trains on; ``None`` means the answer is (the addition
+    task's convention). ``Problem(prompt, answer)`` is shorthand for ``reference={"answer": answer}``. Treat
+    ``reference`` as read-only; it takes part in equality but not in the hash (a dict has none).
+    """
 
     prompt: str
-    answer: str
+    reference: Mapping[str, Any] = field(hash=False)
+    response: str | None
+
+    def __init__(self, prompt: str, answer: str | None = None, *, reference: Mapping[str, Any] | None = None,
+                 response: str | None = None) -> None:
+        ref = dict(reference or {})
+        if answer is not None:
+            if "answer" in ref and ref["answer"] != answer:
+                raise ValueError(f"answer={answer!r} disagrees with reference['answer']={ref['answer']!r}")
+            ref["answer"] = answer
+        object.__setattr__(self, "prompt", prompt)
+        object.__setattr__(self, "reference", ref)
+        object.__setattr__(self, "response", response)
 
     @classmethod
     def of(cls, a: int, b: int) -> Problem:
@@ -48,6 +68,14 @@ class Problem:
         if a < 0 or b < 0:
             raise ValueError(f"operands {a}, {b}: the task adds non-negative integers")
         return cls(prompt=f"{a}+{b}=", answer=str(a + b))
+
+    @property
+    def answer(self) -> str:
+        """``reference["answer"]`` as text (an addition problem's decimal sum, without leading zeros)."""
+        if "answer" not in self.reference:
+            raise ValueError(f"problem {self.prompt[:80]!r} has no reference answer")
+        value = self.reference["answer"]
+        return value if isinstance(value, str) else str(value)
 
     @property
     def operands(self) -> tuple[int, int]:
@@ -132,13 +160,19 @@ class AdditionTask:
 
 
 def encode_sft(problem: Problem, tokenizer: Tokenizer) -> tuple[list[int], int]:
-    """``(ids, n_prompt)``: ``ids = [BOS] + prompt + answer + [EOS]`` and the number of leading prompt ids
-    (BOS included). A trainer predicts ``ids[i+1]`` from row ``i`` and trains on the completion only, i.e. on
-    targets ``ids[n_prompt:]`` (rows ``n_prompt − 1`` … ``len(ids) − 2``).
+    """``(ids, n_prompt)``: ``ids = [BOS] + prompt + target + [EOS]`` and the number of leading prompt ids
+    (BOS included). The target is the problem's ``response``, else its answer (:meth:`AdditionTask.target`).
+    A trainer predicts ``ids[i+1]`` from row ``i`` and trains on the completion only, i.e. on targets
+    ``ids[n_prompt:]`` (rows ``n_prompt − 1`` … ``len(ids) − 2``).
+
+    The prompt and the target are tokenised apart, as generation sees them: the engine encodes the prompt,
+    then samples the completion token by token. A prompt that already starts with the BOS (a rendered chat
+    template) gets no second one.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token; SFT targets end with EOS")
+    target = problem.response if problem.response is not None else AdditionTask.target(problem)
     prompt = tokenizer.encode(problem.prompt)  # adds BOS
-    completion = tokenizer.encode(AdditionTask.target(problem), add_special_tokens=False)
+    completion = tokenizer.encode(target, add_special_tokens=False)
     return [*prompt, *completion, eos], len(prompt)
