@@ -103,6 +103,17 @@ class PoolMachine(RuleBasedStateMachine):
                     assert torch.equal(got, want), (rid, s.name, layer)
 
     @invariant()
+    def expired_pages_are_freed(self) -> None:
+        """Every page whose rows a request can no longer read has gone back (window recycling)."""
+        for rid, n in self.lengths.items():
+            for s in STREAMS:
+                if s.keep is None:
+                    continue
+                live = self.pool._tables[s.name].get(rid, [])
+                expired = min(s.keep_from(n) // self.pool.page_size, len(live))
+                assert all(page == -1 for page in live[:expired]), (rid, s.name, n, live)
+
+    @invariant()
     def bytes_follow_pages(self) -> None:
         for s in STREAMS:
             assert self.pool.bytes_used(s.name) == self.pool.pages_used(s.name) * self.pool.page_size * s.width * 4 * len(s.layers)

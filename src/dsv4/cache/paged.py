@@ -8,6 +8,7 @@ Page 0 is never handed out; reads of rows that do not exist (masked by the atten
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
@@ -66,6 +67,11 @@ class PagedKVPool:
         self._released: dict[str, dict[int, int]] = {name: {} for name in self.streams}
         self._expiring = [(name, spec) for name, spec in self.streams.items() if spec.keep is not None]
         self._rows_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+        # reserve() and release() run for every request every step; most calls have nothing to do. Per
+        # request: the tokens its pages cover in every stream, and the length at which a partial
+        # release would next free a page (absent: unknown, take the full path).
+        self._covered: dict[int, int] = {}
+        self._release_at: dict[int, int] = {}
 
     @classmethod
     def refuse(cls, config: ModelConfig, device: torch.device) -> str | None:
@@ -90,6 +96,8 @@ class PagedKVPool:
     # ------------------------------------------------------------------------------------------
     def reserve(self, rid: int, num_tokens: int) -> None:
         """Allocate pages so every stream of ``rid`` addresses the rows of ``num_tokens`` tokens."""
+        if num_tokens <= self._covered.get(rid, -1):
+            return
         need: dict[str, int] = {}
         for name, spec in self.streams.items():
             have = len(self._tables[name].get(rid, ()))
@@ -107,6 +115,11 @@ class PagedKVPool:
             table.extend(self._free[name].pop() for _ in range(extra))
             pt = self._grow(name, row + 1, len(table))
             pt[row, first : len(table)] = table[first:]
+        if need:
+            self._release_at.pop(rid, None)  # a stream may have its first pages now
+        # n tokens need ceil((n // ratio) / P) pages: covered while n < (pages · P + 1) · ratio
+        self._covered[rid] = min((len(self._tables[name].get(rid, ())) * self.page_size + 1) * spec.ratio - 1
+                                 for name, spec in self.streams.items())
 
     def slots(self, stream: str, rids: Sequence[int], req: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
         """Physical rows of ``(rids[req], logical)``; rows outside a request's pages map to page 0."""
@@ -133,7 +146,9 @@ class PagedKVPool:
     def release(self, rid: int, num_tokens: int | None = None) -> None:
         """Free what a request of ``num_tokens`` tokens will not read again (``None``: everything)."""
         # Called for every running request every step: a partial release only concerns streams
-        # whose old rows expire (a window, open compression blocks).
+        # whose old rows expire (a window, open compression blocks), and only once a page expires.
+        if num_tokens is not None and num_tokens < self._release_at.get(rid, 0):
+            return
         streams = self.streams.items() if num_tokens is None else self._expiring
         for name, spec in streams:
             table = self._tables[name].get(rid)
@@ -155,9 +170,26 @@ class PagedKVPool:
                     self._pt_np[name][row, k] = 0
             if whole_pages > released.get(rid, 0):
                 released[rid] = whole_pages
-        if num_tokens is None and rid in self._rows:
-            self._free_rows.append(self._rows.pop(rid))
-            self._rows_cache = None
+        if num_tokens is None:
+            self._covered.pop(rid, None)
+            self._release_at.pop(rid, None)
+            if rid in self._rows:
+                self._free_rows.append(self._rows.pop(rid))
+                self._rows_cache = None
+        else:
+            self._release_at[rid] = self._next_release(rid)
+
+    def _next_release(self, rid: int) -> int:
+        """The fewest tokens at which a partial release of ``rid`` frees a page: page k of a stream
+        expires once ``keep_from(n) >= (k + 1) · P``, i.e. once ``n`` reaches the next multiple of
+        ``align`` from ``(k + 1) · P · ratio + keep``."""
+        at = sys.maxsize  # no expiring stream has pages: reserve() resets this when one gets some
+        for name, spec in self._expiring:
+            if rid in self._tables[name]:
+                assert spec.keep is not None
+                k = self._released[name].get(rid, 0)
+                at = min(at, -(-((k + 1) * self.page_size * spec.ratio + spec.keep) // spec.align) * spec.align)
+        return at
 
     def fork(self, src: int, dst: int | Sequence[int]) -> None:
         """Give ``dst`` (one request id or several, none holding pages) a copy of ``src``'s cache: in every
