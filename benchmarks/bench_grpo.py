@@ -65,8 +65,8 @@ def make_checkpoint(path: Path, args: argparse.Namespace) -> None:
     if args.warm_start_steps:
         torch.manual_seed(args.seed)
         sft = SFTTrainer(model, tokenizer,
-                         lambda n, salt: _with_prefix(AdditionTask(args.max_digits, seed=10_000 + salt).sample(n, "train"),
-                                                      args),
+                         lambda n, salt: _with_prefix(
+                             AdditionTask(args.max_digits, seed=10_000 + salt).sample(n, "train"), args),
                          SFTConfig(batch_size=64, lr=args.warm_start_lr))
         t = time.perf_counter()
         for i in range(args.warm_start_steps):
@@ -312,7 +312,7 @@ def main() -> None:
     ap.add_argument("--fewshot", type=int, default=0,
                     help="K worked examples before every prompt (the same prefix for all): long, group-shared prompts")
     ap.add_argument("--no-share-prompt", dest="share_prompt", action="store_false",
-                    help="dsv4: every completion recomputes its prompt in the trainer's forward (GRPOConfig.share_prompt)")
+                    help="dsv4: every completion recomputes its prompt in training (GRPOConfig.share_prompt)")
     ap.add_argument("--no-routing-replay", dest="routing_replay", action="store_false",
                     help="dsv4: do not record/replay MoE routing (on by default, dsv4's default)")
     ap.add_argument("--trl-library-defaults", action="store_true",

@@ -161,7 +161,8 @@ class ReferenceAttentionBackend:
         """Gather indices for the step; ``pool=None``: every request is a whole sequence, or its prefix
         is another request of the batch (``batch.parents``)."""
         parents = batch.parents
-        if pool is None and any(p and (parents is None or parents[r] < 0) for r, p in enumerate(batch.prefix_lens_host)):
+        orphans = [r for r, p in enumerate(batch.prefix_lens_host) if p and (parents is None or parents[r] < 0)]
+        if pool is None and orphans:
             raise ValueError("a batch with cached prefixes (prefix_lens > 0) needs a KV pool, or parents in the batch")
         if pool is not None and batch.rids is None:
             raise ValueError("a paged batch needs request ids (ForwardBatch.rids)")

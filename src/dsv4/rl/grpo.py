@@ -208,7 +208,8 @@ class GRPOTrainer:
         loss_total = 0.0
         for part in parts:
             chunk = [rollouts[i] for i in part]
-            batch = CompletionBatch([r.prompt_ids + r.completion_ids for r in chunk], [len(r.prompt_ids) for r in chunk],
+            batch = CompletionBatch([r.prompt_ids + r.completion_ids for r in chunk],
+                                    [len(r.prompt_ids) for r in chunk],
                                     [r.routing for r in chunk] if cfg.routing_replay else None)
             logps, _ = completion_logprobs(self.policy, batch, replay=cfg.routing_replay,
                                            share_prompts=cfg.share_prompt)
@@ -272,8 +273,9 @@ class GRPOTrainer:
         self.policy.train()
         acc = _Accumulated()
         for epoch in range(cfg.epochs):
-            order = (torch.arange(groups) if epoch == 0 else
-                     torch.randperm(groups, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + step * 101 + epoch)))
+            seed = self.seed * 1_000_003 + step * 101 + epoch
+            order = (torch.arange(groups) if epoch == 0
+                     else torch.randperm(groups, generator=torch.Generator().manual_seed(seed)))
             for chunk in torch.tensor_split(order, min(cfg.mini_batches, groups)):
                 rows = [g * cfg.group_size + j for g in chunk.tolist() for j in range(cfg.group_size)]
                 self._update([data.rollouts[i] for i in rows], advantages[rows], acc)
