@@ -56,6 +56,32 @@ def test_shared_prompt_is_bit_exact_in_batch_invariant_mode() -> None:
         assert torch.equal(a, b), f"completion {i}"
 
 
+@pytest.mark.parametrize("invariant", [False, True])
+def test_chains_of_prefixes(invariant: bool) -> None:
+    """A system prompt shared by two prompts, each shared by its completions: three levels, one forward."""
+    g = torch.Generator().manual_seed(11)
+    model = random_model(ModelConfig.tiny(num_nextn_predict_layers=0), seed=5)
+    if invariant:
+        model.set_batch_invariant(True, max_context=96)
+    system, q1, q2 = _ids(21, g), _ids(6, g), _ids(3, g)
+    c = [_ids(n, g) for n in (2, 9, 1, 35)]
+    tokens = [system, q1, q2, c[0], c[1], c[2], c[3]]
+    prefix = [0, 21, 21, 27, 27, 24, 24]
+    parents = [-1, 0, 0, 1, 1, 2, 2]
+    with torch.no_grad():
+        batch = ForwardBatch.from_requests(tokens, prefix, sample="all", parents=parents)
+        got = model.run(batch).logits
+        starts = batch.starts.tolist()
+        for leaf, (q, prompt) in zip(range(3, 7), [(1, q1), (1, q1), (2, q2), (2, q2)]):
+            whole = model.run(ForwardBatch.from_requests([system + prompt + tokens[leaf]], sample="all")).logits
+            mine = torch.cat((got[: len(system)], got[starts[q] : starts[q] + len(prompt)],
+                              got[starts[leaf] : starts[leaf] + len(tokens[leaf])]))
+            if invariant:
+                assert torch.equal(mine, whole), leaf
+            else:
+                assert (mine - whole).abs().max().item() < 2e-5, leaf
+
+
 def test_gradients_flow_into_the_shared_prompt() -> None:
     """The loss over every completion's rows has the gradients of the same loss over whole sequences
     (the prompt's rows collect the sum of what each completion sends back)."""
@@ -79,12 +105,14 @@ def test_gradients_flow_into_the_shared_prompt() -> None:
 def test_parents_are_checked() -> None:
     with pytest.raises(ValueError, match="2 parents for 3 requests"):
         ForwardBatch.from_requests([[1], [2], [3]], [0, 1, 1], parents=[-1, 0])
-    with pytest.raises(ValueError, match="parent 1 is not another request"):
+    with pytest.raises(ValueError, match="parent 1 is not an earlier request"):
         ForwardBatch.from_requests([[1, 2], [3]], [0, 1], parents=[-1, 1])
+    with pytest.raises(ValueError, match="parent 2 is not an earlier request"):
+        ForwardBatch.from_requests([[1, 2], [3], [4]], [0, 1, 2], parents=[-1, 2, 0])
     with pytest.raises(ValueError, match="a prefix of 3 tokens from parent 0, which has 2"):
         ForwardBatch.from_requests([[1, 2], [3]], [0, 3], parents=[-1, 0])
-    with pytest.raises(ValueError, match="has a prefix of its own"):
-        ForwardBatch.from_requests([[1, 2], [3], [4]], [0, 2, 3], parents=[-1, 0, 1])
+    with pytest.raises(ValueError, match="a prefix of 4 tokens from parent 1, which has 3"):
+        ForwardBatch.from_requests([[1, 2], [3], [4]], [0, 2, 4], parents=[-1, 0, 1])
     with pytest.raises(ValueError, match="paged batch"):
         ForwardBatch.from_requests([[1, 2], [3]], [0, 2], parents=[-1, 0], rids=[0, 1])
     assert ForwardBatch.from_requests([[1], [2]], parents=[-1, -1]).parents is None

@@ -181,14 +181,16 @@ def test_learning_rate_schedule(tmp_path: Path) -> None:
 
 def test_shared_layout_covers_one_token_completions_and_repeated_prompts() -> None:
     """A completion of one token needs no row of its own (its prompt's last row predicts it); two groups
-    with the same prompt share one prompt request."""
+    with the same prompt share one prompt request; the prompts' common start (here the BOS) is computed
+    once for all of them."""
     model = random_model(ModelConfig.tiny(**MODEL), seed=4)
     model.set_batch_invariant(True, max_context=32)
     p1, p2 = [0, 5, 6, 7], [0, 8, 9]
     batch = CompletionBatch([p1 + [3], p1 + [4, 5, 1], p2 + [2, 2], p1 + [1]], [4, 4, 3, 4])
     layout = _layout(batch, True)
-    assert layout.tokens == [p1, [4, 5], p2, [2]]  # p1 once, children without their last token
-    assert layout.parents == [-1, 0, -1, 2] and layout.prefix_lens == [0, 4, 0, 3]
+    # BOS, the prompts' rests (p1 once), then completions without their last token
+    assert layout.tokens == [[0], [5, 6, 7], [8, 9], [4, 5], [2]]
+    assert layout.parents == [-1, 0, 0, 1, 2] and layout.prefix_lens == [0, 1, 1, 4, 3]
     with torch.no_grad():
         shared, _ = completion_logprobs(model, batch, share_prompts=True)
         alone, _ = completion_logprobs(model, batch, share_prompts=False)

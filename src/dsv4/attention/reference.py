@@ -76,24 +76,35 @@ class _DenseRequest:
 class _Local:
     """One stream's in-forward storage (no pool): request ``r``'s own rows start at ``base[r]`` and hold
     its logical rows from ``first[r]`` on; the logical rows before ``first[r]`` (its prefix) are its
-    parent's, at ``parent_base[r] + logical``. ``first is None``: no request has a parent."""
+    parent's, found the same way (a parent may have a parent: ``depth`` links at most). ``first is
+    None``: no request has a parent."""
 
     base: torch.Tensor  # [R]
     first: torch.Tensor | None = None  # [R]
-    parent_base: torch.Tensor | None = None  # [R]
+    parent: torch.Tensor | None = None  # [R], a root its own
+    depth: int = 0
 
     def rows(self, req: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
-        if self.first is None or self.parent_base is None:
+        if self.first is None or self.parent is None:
             return self.base[req] + logical
-        first = self.first[req]
-        return torch.where(logical < first, self.parent_base[req] + logical, self.base[req] + logical - first)
+        owner = req
+        for _ in range(self.depth):  # up the chain until the request whose own rows hold `logical`
+            owner = torch.where(logical < self.first[owner], self.parent[owner], owner)
+        return self.base[owner] + logical - self.first[owner]
 
 
 def _local(base: torch.Tensor, first: list[int], parents: tuple[int, ...] | None) -> _Local:
     if parents is None:
         return _Local(base)
-    parent = torch.tensor(parents, dtype=torch.long, device=base.device).clamp(min=0)
-    return _Local(base, torch.tensor(first, dtype=torch.long, device=base.device), base[parent])
+    links = [r if q < 0 else q for r, q in enumerate(parents)]
+    depth = 0
+    for r in range(len(links)):  # parents come earlier in the batch: the chains end
+        d, q = 0, r
+        while links[q] != q:
+            d, q = d + 1, links[q]
+        depth = max(depth, d)
+    dev = base.device
+    return _Local(base, torch.tensor(first, dtype=torch.long, device=dev), torch.tensor(links, device=dev), depth)
 
 
 @dataclass(slots=True)

@@ -19,10 +19,11 @@ class ForwardBatch:
     in the KV cache). Full-sequence training is the case ``prefix_lens == 0``.
 
     Without a KV pool, a request may instead find its prefix in the batch itself: ``parents[r] = q``
-    says that request ``r``'s first ``prefix_lens[r]`` tokens are request ``q``'s (a whole sequence
-    that starts at position 0 and is at least that long), so ``r``'s tokens attend to ``q``'s rows of
-    this very forward and gradients flow into them. That is how a group of completions of one prompt
-    trains with the prompt computed once (``parents[r] = -1``: no parent).
+    (an earlier request, at least that long) says that request ``r``'s first ``prefix_lens[r]`` tokens
+    are ``q``'s sequence (its own prefix, from its parent, then its new tokens), so ``r``'s tokens attend
+    to those rows of this very forward and gradients flow into them. That is how a group of completions
+    of one prompt trains with the prompt computed once, and prompts with a common start (a system prompt)
+    share that too (``parents[r] = -1``: no parent).
     """
 
     input_ids: torch.Tensor  # [T] long
@@ -127,7 +128,7 @@ class ForwardBatch:
 
 
 def _check_parents(parents: tuple[int, ...], prefix_lens: list[int], extend_lens: list[int], *, paged: bool) -> None:
-    """Every parent is a whole sequence of this batch, long enough for the prefix it lends."""
+    """Every parent is an earlier request of this batch, long enough for the prefix it lends."""
     if len(parents) != len(extend_lens):
         raise ValueError(f"{len(parents)} parents for {len(extend_lens)} requests")
     if paged and any(q >= 0 for q in parents):
@@ -135,10 +136,8 @@ def _check_parents(parents: tuple[int, ...], prefix_lens: list[int], extend_lens
     for r, q in enumerate(parents):
         if q < 0:
             continue
-        if q >= len(parents) or q == r:
-            raise ValueError(f"request {r}: parent {q} is not another request of the batch")
-        if parents[q] >= 0 or prefix_lens[q]:
-            raise ValueError(f"request {r}: its parent {q} has a prefix of its own (parents are whole sequences)")
-        if not 0 < prefix_lens[r] <= extend_lens[q]:
+        if q >= r:
+            raise ValueError(f"request {r}: parent {q} is not an earlier request of the batch")
+        if not 0 < prefix_lens[r] <= prefix_lens[q] + extend_lens[q]:
             raise ValueError(f"request {r}: a prefix of {prefix_lens[r]} tokens from parent {q}, "
-                             f"which has {extend_lens[q]}")
+                             f"which has {prefix_lens[q] + extend_lens[q]}")

@@ -45,42 +45,60 @@ class _Layout:
     tokens: list[list[int]]
     prefix_lens: list[int]
     parents: list[int] | None
-    rows: list[list[int]]  # per sequence, per completion token: its predicting row (request, offset)
+    rows: list[list[int]]  # per sequence, per completion token: the batch row whose logits predict it
     # per request: (sequence whose routing record covers it, first recorded position, positions)
     records: list[tuple[int, int, int]]
 
 
 def _layout(batch: CompletionBatch, share_prompts: bool) -> _Layout:
-    """``share_prompts``: each distinct prompt is one request and its completions are requests whose
-    prefix it is (computed once; see ``ForwardBatch.parents``); a completion's last token, which
-    predicts nothing, is not fed. Otherwise every sequence is one whole request."""
+    """``share_prompts``: the distinct prompts' common start (a system prompt, a template; at least the
+    BOS) is one request, each distinct prompt's rest another, and each completion a request whose prefix
+    is its prompt (see ``ForwardBatch.parents``): every token is computed once. A completion's last token,
+    which predicts nothing, is not fed. Otherwise every sequence is one whole request."""
     if not share_prompts:
-        tokens = [list(seq) for seq in batch.sequences]
-        rows = [[(i, j) for j in range(p - 1, len(seq) - 1)]
-                for i, (seq, p) in enumerate(zip(batch.sequences, batch.prompt_lens, strict=True))]
-        return _Layout(tokens, [0] * len(tokens), None, _flat(rows, tokens),
+        whole = [list(seq) for seq in batch.sequences]
+        spans = [[(i, j) for j in range(p - 1, len(seq) - 1)]
+                 for i, (seq, p) in enumerate(zip(batch.sequences, batch.prompt_lens, strict=True))]
+        return _Layout(whole, [0] * len(whole), None, _flat(spans, whole),
                        [(i, 0, len(seq)) for i, seq in enumerate(batch.sequences)])
-    roots: dict[tuple[int, ...], int] = {}
-    tokens, prefix, parents, records = [], [], [], []
+    pairs = list(zip(batch.sequences, batch.prompt_lens, strict=True))
+    prompts: dict[tuple[int, ...], int] = {}  # distinct prompt -> the first sequence that has it
+    for i, (seq, p) in enumerate(pairs):
+        prompts.setdefault(tuple(seq[:p]), i)
+    shared = _common_start(list(prompts)) if len(prompts) > 1 else 0
+    tokens: list[list[int]] = []
+    prefix: list[int] = []
+    parents: list[int] = []
+    records: list[tuple[int, int, int]] = []
+
+    def add(ids: list[int], start: int, parent: int, seq: int) -> int:
+        tokens.append(ids)
+        prefix.append(start)
+        parents.append(parent)
+        records.append((seq, start, len(ids)))
+        return len(tokens) - 1
+
+    top = add(list(next(iter(prompts))[:shared]), 0, -1, 0) if shared else -1
+    owner = {key: top if len(key) == shared else add(list(key[shared:]), shared, top, first)
+             for key, first in prompts.items()}
     rows = []
-    for i, (seq, p) in enumerate(zip(batch.sequences, batch.prompt_lens, strict=True)):
-        key = tuple(seq[:p])
-        root = roots.get(key)
-        if root is None:
-            root = roots[key] = len(tokens)
-            tokens.append(list(key))
-            prefix.append(0)
-            parents.append(-1)
-            records.append((i, 0, p))
-        own = [(root, p - 1)]
+    for i, (seq, p) in enumerate(pairs):
+        node = owner[tuple(seq[:p])]
+        own = [(node, p - 1 - prefix[node])]  # the prompt's last row predicts the first token
         if len(seq) - p > 1:  # the completion's tokens but its last
-            own += [(len(tokens), j) for j in range(len(seq) - p - 1)]
-            tokens.append(list(seq[p:-1]))
-            prefix.append(p)
-            parents.append(root)
-            records.append((i, p, len(seq) - 1 - p))
+            child = add(list(seq[p:-1]), p, node, i)
+            own += [(child, j) for j in range(len(seq) - p - 1)]
         rows.append(own)
     return _Layout(tokens, prefix, parents, _flat(rows, tokens), records)
+
+
+def _common_start(keys: list[tuple[int, ...]]) -> int:
+    """Length of the longest common prefix of ``keys``."""
+    n = min(len(k) for k in keys)
+    for j in range(n):
+        if any(k[j] != keys[0][j] for k in keys):
+            return j
+    return n
 
 
 def _flat(rows: list[list[tuple[int, int]]], tokens: list[list[int]]) -> list[list[int]]:
