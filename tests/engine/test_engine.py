@@ -291,3 +291,62 @@ def test_a_checkpoint_path_with_a_config_object(model_dir: Path, tmp_path: Path)
     assert same.config.model == str(model_dir)
     with pytest.raises(ValueError, match="two checkpoints given"):
         Engine(model_dir, config=EngineConfig(model=str(tmp_path)))
+
+
+# ------------------------------------------------------------------------------ prompts with a common start
+def _with_common_start(n: int, seed: int, start: int = 27) -> list[list[int]]:
+    common = [random.Random(seed).randrange(2, VOCAB) for _ in range(start)]
+    return [common + p for p in _prompts(n, seed=seed + 1)]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(max_num_batched_tokens=7, page_size=2), dict(max_num_batched_tokens=12, max_num_seqs=5,
+                                                               page_size=2, kv_cache_tokens=150)],
+    ids=["roomy", "tiny-chunks", "preemption"],
+)
+def test_generate_prefills_the_prompts_common_start_once(model_dir: Path, options: dict) -> None:
+    """Prompts that start alike (a system prompt) share that start's KV: every token, logprob and routing
+    record equals each prompt prefilling everything itself, in batch-invariant numerics."""
+    prompts = _with_common_start(4, seed=21)
+    params = SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=6, ignore_eos=True, logprobs=1)
+    opts = dict(batch_invariant=True, return_token_logprobs=True, record_routing=True, **options)
+    shared_engine, shared = _samples(model_dir, True, prompts, params, **opts)
+    alone_engine, alone = _samples(model_dir, False, prompts, params, **opts)
+    for a, b in zip(shared, alone, strict=True):
+        for x, y in zip(a.outputs, b.outputs, strict=True):
+            assert x.token_ids == y.token_ids and x.token_logprobs == y.token_logprobs and x.logprobs == y.logprobs
+            assert x.routing is not None and y.routing is not None
+            for got, want in ((x.routing.experts, y.routing.experts), (x.routing.indexer, y.routing.indexer)):
+                assert all(torch.equal(got[k], want[k]) for k in want)
+    if "kv_cache_tokens" not in options:  # the start once, each prompt's rest once
+        assert shared_engine.stats["prompt_tokens"] == 27 + sum(len(p) - 27 for p in prompts)
+        assert alone_engine.stats["prompt_tokens"] == 2 * sum(len(p) for p in prompts)
+
+
+def test_common_start_greedy_equals_recompute_on_the_fast_paths(model_dir: Path, ref_model: Transformer) -> None:
+    prompts = _with_common_start(3, seed=31, start=40)
+    _, outs = _samples(model_dir, True, prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.outputs[0].token_ids == _reference(ref_model, prompt, 8)
+
+
+def test_short_common_starts_and_aborted_waiters(model_dir: Path) -> None:
+    engine = Engine(model_dir)
+    short = [[5] * 10 + p for p in _prompts(3, seed=41)]  # under 16 tokens in common: nothing shared
+    engine.generate(short, SamplingParams(max_tokens=2))
+    assert engine.stats["prompt_tokens"] == sum(len(p) for p in short)
+    # every request waiting for the common start is aborted before it is computed: the start goes too
+    engine = Engine(model_dir, max_num_batched_tokens=8)
+    step = engine.step
+
+    def step_then_abort() -> list:
+        outs = step()  # the start's first chunk
+        for rid in list(engine.requests):
+            engine.abort(rid)
+        return outs
+
+    engine.step = step_then_abort  # type: ignore[method-assign]
+    assert list(engine.iter_generate(_with_common_start(2, seed=42), SamplingParams(max_tokens=3))) == []
+    assert not engine.scheduler.has_work() and not engine._starts
+    assert all(engine.pool.pages_used(s) == 0 for s in engine.pool.streams)  # type: ignore[attr-defined]

@@ -155,6 +155,8 @@ class Engine:
                               and "fork" in self.scheduler.capabilities)
         # Samples waiting for their first sample to prefill the prompt (share_prompt): leader seq_id -> rest
         self._forks: dict[int, list[Sequence]] = {}
+        # generate(): the sequence prefilling the prompts' common start, and the requests waiting for a copy
+        self._starts: dict[int, tuple[Sequence, list[Request]]] = {}
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         self._request_ids = itertools.count()
@@ -206,7 +208,12 @@ class Engine:
         request_id: str | None = None,
     ) -> Request:
         """Queue a prompt (text or token ids). Raises ``ValueError`` for a prompt the engine can't serve."""
-        params = params or SamplingParams()
+        req = self._new_request(prompt, params or SamplingParams(), request_id)
+        self._enqueue(req)
+        return req
+
+    def _new_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None) -> Request:
+        """A validated request and its sequences, registered but not yet queued."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this engine has no tokenizer: pass prompts as lists of token ids")
@@ -231,14 +238,40 @@ class Engine:
                 logprobs=[] if params.logprobs is not None else None,
             )
             req.seqs.append(seq)
-        if self._share_prompt and len(req.seqs) > 1:
-            self.scheduler.add(req.seqs[0])
-            self._forks[req.seqs[0].seq_id] = req.seqs[1:]
-        else:
-            for seq in req.seqs:
-                self.scheduler.add(seq)
         self.requests[rid] = req
         return req
+
+    def _enqueue(self, req: Request, *, queue_leader: bool = True) -> None:
+        """Queue the request's sequences (with share_prompt, its first one; the others get a copy of its
+        cache once it has computed the prompt). ``queue_leader=False``: the first waits for a copy too."""
+        first, *others = req.seqs
+        if self._share_prompt and others:
+            self._forks[first.seq_id] = others
+            others = []
+        for seq in ([first] if queue_leader else []) + others:
+            self.scheduler.add(seq)
+
+    def _share_start(self, reqs: list[Request]) -> bool:
+        """Prefill the common start of ``reqs``' prompts (a system prompt, few-shot examples) once, as a
+        sequence of its own whose cache every request's first sequence then gets a copy of. Only for a
+        start of at least _MIN_SHARED_START tokens, and short of every prompt (each still prefills its
+        last token itself). Returns whether it does."""
+        if not self._share_prompt or len(reqs) < 2:
+            return False
+        prompts = [r.prompt_ids for r in reqs]
+        length = min(min(len(p) for p in prompts) - 1, _common_start(prompts))
+        if length < _MIN_SHARED_START:
+            return False
+        ids = prompts[0][:length]
+        params = SamplingParams(max_tokens=1)
+        holder = Request(request_id=f"start-{next(self._request_ids)}", prompt=None, prompt_ids=ids, params=params,
+                         arrival_order=min(r.arrival_order for r in reqs) - 1)  # before the requests it serves
+        seq = Sequence(seq_id=next(self._seq_ids), request=holder, index=0,
+                       sampling=SequenceSampling(params, ids, index=0), detok=None, stop=None)
+        holder.seqs.append(seq)
+        self._starts[seq.seq_id] = (seq, reqs)
+        self.scheduler.add(seq)
+        return True
 
     def _validate_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -260,6 +293,10 @@ class Engine:
             return None
         req.aborted = True
         self._forks.pop(req.seqs[0].seq_id, None)
+        for sid, (holder, waiting) in list(self._starts.items()):
+            if all(r.aborted for r in waiting):  # nobody left to copy the common start to
+                del self._starts[sid]
+                self.scheduler.abort(holder.request.request_id)
         for seq in self.scheduler.abort(request_id):
             seq.finish_reason = seq.finish_reason or "abort"
         for seq in req.seqs:
@@ -320,6 +357,12 @@ class Engine:
                 self.stats["prompt_tokens"] += n
         touched: dict[str, Request] = {}
         sampled = [plan.items[i][0] for i in sample]
+        if self._starts and any(seq.seq_id in self._starts for seq in sampled):
+            keep = [k for k, seq in enumerate(sampled) if seq.seq_id not in self._starts]
+            for seq in sampled:
+                if seq.seq_id in self._starts:
+                    self._hand_out_start(seq)
+            logits, sampled = logits[keep], [sampled[k] for k in keep]
         forked = self._fork_samples(sampled) if self._forks else []
         if forked:  # they sample their first token from their leader's logits
             rows = [k for k, _ in forked]
@@ -345,6 +388,32 @@ class Engine:
                 self.requests.pop(req.request_id, None)
             outputs.append(req.output())
         return outputs
+
+    def _hand_out_start(self, holder: Sequence) -> None:
+        """The prompts' common start is computed: every waiting request's first sequence gets a copy of
+        its cache (and routing records) and prefills the rest of its prompt from there; the holder's
+        pages go back. One without pages or a running slot is queued to prefill all of its prompt."""
+        _, reqs = self._starts.pop(holder.seq_id)
+        firsts = [r.seqs[0] for r in reqs if not r.aborted]
+        try:  # every copy at once; when pages are short, as many as fit, one by one
+            self.pool.fork(holder.seq_id, [seq.seq_id for seq in firsts])  # type: ignore[attr-defined]
+            copied = True
+        except MemoryError:
+            copied = False
+        for seq in firsts:
+            if not copied:
+                try:
+                    self.pool.fork(holder.seq_id, seq.seq_id)  # type: ignore[attr-defined]
+                except MemoryError:
+                    self.scheduler.add(seq)
+                    continue
+            if not self.scheduler.adopt(seq):  # type: ignore[attr-defined]
+                self.pool.release(seq.seq_id)
+                self.scheduler.add(seq)
+                continue
+            seq.num_computed = holder.num_computed
+            seq.routing_log = list(holder.routing_log)
+        self.scheduler.finish(holder)
 
     def _fork_samples(self, sampled: list[Sequence]) -> list[tuple[int, Sequence]]:
         """Samples whose leader (``sampled[k]``) just computed their shared prompt: each gets a copy of
@@ -432,10 +501,18 @@ class Engine:
     ) -> Iterator[tuple[int, RequestOutput]]:
         """Run prompts to completion, yielding ``(index, output)`` as each request finishes."""
         plist = _per_prompt(params, len(prompts))
-        ids = {}
-        for i, (prompt, p) in enumerate(zip(prompts, plist, strict=True)):
-            req = self.add_request(prompt, p)
-            ids[req.request_id] = i
+        reqs = []
+        try:
+            for prompt, p in zip(prompts, plist, strict=True):
+                reqs.append(self._new_request(prompt, p or SamplingParams(), None))
+        except ValueError:
+            for req in reqs:
+                del self.requests[req.request_id]
+            raise
+        shared = self._share_start(reqs)
+        for req in reqs:
+            self._enqueue(req, queue_leader=not shared)
+        ids = {req.request_id: i for i, req in enumerate(reqs)}
         while any(rid in self.requests for rid in ids):
             for out in self.step():
                 if out.finished and out.request_id in ids:
@@ -455,6 +532,21 @@ class Engine:
         for i, out in self.iter_generate(prompt_list, params):
             results[i] = out
         return [r for r in results if r is not None]
+
+
+# generate() prefills its prompts' common start once when it is at least this long (shorter ones are
+# not worth the extra step and the page copies).
+_MIN_SHARED_START = 16
+
+
+def _common_start(prompts: list[list[int]]) -> int:
+    """Length of the longest common prefix of ``prompts``."""
+    first = prompts[0]
+    n = min(len(p) for p in prompts)
+    for j in range(n):
+        if any(p[j] != first[j] for p in prompts):
+            return j
+    return n
 
 
 def _per_prompt(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:
