@@ -394,16 +394,33 @@ class Engine:
         its cache (and routing records) and prefills the rest of its prompt from there; the holder's
         pages go back. One without pages or a running slot is queued to prefill all of its prompt."""
         _, reqs = self._starts.pop(holder.seq_id)
-        firsts = [r.seqs[0] for r in reqs if not r.aborted]
+        self._copy_cache(holder, [r.seqs[0] for r in reqs if not r.aborted])
+        self.scheduler.finish(holder)
+
+    def _fork_samples(self, sampled: list[Sequence]) -> list[tuple[int, Sequence]]:
+        """Samples whose leader (``sampled[k]``) just computed their shared prompt get a copy of its
+        cache (:meth:`_copy_cache`). Returns ``(k, sample)`` for those that now run."""
+        forked = []
+        for k, leader in enumerate(sampled):
+            if leader.num_computed != len(leader.prompt_ids) or leader.seq_id not in self._forks:
+                continue
+            forked += [(k, sib) for sib in self._copy_cache(leader, self._forks.pop(leader.seq_id))]
+        return forked
+
+    def _copy_cache(self, src: Sequence, targets: list[Sequence]) -> list[Sequence]:
+        """Give ``targets`` a copy of ``src``'s KV cache and routing records and run them from the next
+        step on; one without pages or a running slot is queued to compute everything itself (a waiting
+        sequence never holds pages, so preemption can always make room). Returns those that run."""
         try:  # every copy at once; when pages are short, as many as fit, one by one
-            self.pool.fork(holder.seq_id, [seq.seq_id for seq in firsts])  # type: ignore[attr-defined]
+            self.pool.fork(src.seq_id, [seq.seq_id for seq in targets])  # type: ignore[attr-defined]
             copied = True
         except MemoryError:
             copied = False
-        for seq in firsts:
+        running = []
+        for seq in targets:
             if not copied:
                 try:
-                    self.pool.fork(holder.seq_id, seq.seq_id)  # type: ignore[attr-defined]
+                    self.pool.fork(src.seq_id, seq.seq_id)  # type: ignore[attr-defined]
                 except MemoryError:
                     self.scheduler.add(seq)
                     continue
@@ -411,40 +428,10 @@ class Engine:
                 self.pool.release(seq.seq_id)
                 self.scheduler.add(seq)
                 continue
-            seq.num_computed = holder.num_computed
-            seq.routing_log = list(holder.routing_log)
-        self.scheduler.finish(holder)
-
-    def _fork_samples(self, sampled: list[Sequence]) -> list[tuple[int, Sequence]]:
-        """Samples whose leader (``sampled[k]``) just computed their shared prompt: each gets a copy of
-        the leader's KV cache and routing records and joins the running set. Returns ``(k, sample)``
-        pairs; a sample without pages or a running slot is queued to prefill the prompt itself (a
-        waiting sequence never holds pages, so preemption can always make room)."""
-        forked = []
-        for k, leader in enumerate(sampled):
-            if leader.num_computed != len(leader.prompt_ids) or leader.seq_id not in self._forks:
-                continue
-            sibs = self._forks.pop(leader.seq_id)
-            try:  # every copy at once; when pages are short, as many as fit, one by one
-                self.pool.fork(leader.seq_id, [sib.seq_id for sib in sibs])  # type: ignore[attr-defined]
-                copied = True
-            except MemoryError:
-                copied = False
-            for sib in sibs:
-                if not copied:
-                    try:
-                        self.pool.fork(leader.seq_id, sib.seq_id)  # type: ignore[attr-defined]
-                    except MemoryError:
-                        self.scheduler.add(sib)
-                        continue
-                if not self.scheduler.adopt(sib):  # type: ignore[attr-defined]
-                    self.pool.release(sib.seq_id)
-                    self.scheduler.add(sib)
-                    continue
-                sib.num_computed = leader.num_computed
-                sib.routing_log = list(leader.routing_log)
-                forked.append((k, sib))
-        return forked
+            seq.num_computed = src.num_computed
+            seq.routing_log = list(src.routing_log)
+            running.append(seq)
+        return running
 
     def _append(self, seq: Sequence, token: int, logprobs: Any, chosen: float, now: float) -> None:
         params = seq.request.params
