@@ -218,12 +218,17 @@ def _samples(model_dir: Path, share: bool, prompts: list[list[int]], params: Sam
     return engine, outs
 
 
-@pytest.mark.parametrize(
+# Where copied caches meet the engine's edge cases: room for everything, chunks that end anywhere, a
+# pool so small that sequences are preempted and recomputed.
+SHARING_OPTIONS = pytest.mark.parametrize(
     "options",
     [dict(), dict(max_num_batched_tokens=7, page_size=2), dict(max_num_batched_tokens=12, max_num_seqs=5,
                                                                page_size=2, kv_cache_tokens=90)],
     ids=["roomy", "tiny-chunks", "preemption"],
 )
+
+
+@SHARING_OPTIONS
 def test_a_prompt_sampled_n_times_is_prefilled_once_with_the_same_results(model_dir: Path, options: dict) -> None:
     """share_prompt copies the prompt's KV (window past its recycling, compressed entries, open blocks)
     into the other samples: in batch-invariant numerics every token, logprob and routing record equals
@@ -299,12 +304,7 @@ def _with_common_start(n: int, seed: int, start: int = 27) -> list[list[int]]:
     return [common + p for p in _prompts(n, seed=seed + 1)]
 
 
-@pytest.mark.parametrize(
-    "options",
-    [dict(), dict(max_num_batched_tokens=7, page_size=2), dict(max_num_batched_tokens=12, max_num_seqs=5,
-                                                               page_size=2, kv_cache_tokens=150)],
-    ids=["roomy", "tiny-chunks", "preemption"],
-)
+@SHARING_OPTIONS
 def test_generate_prefills_the_prompts_common_start_once(model_dir: Path, options: dict) -> None:
     """Prompts that start alike (a system prompt) share that start's KV: every token, logprob and routing
     record equals each prompt prefilling everything itself, in batch-invariant numerics."""
@@ -319,7 +319,9 @@ def test_generate_prefills_the_prompts_common_start_once(model_dir: Path, option
             assert x.routing is not None and y.routing is not None
             for got, want in ((x.routing.experts, y.routing.experts), (x.routing.indexer, y.routing.indexer)):
                 assert all(torch.equal(got[k], want[k]) for k in want)
-    if "kv_cache_tokens" not in options:  # the start once, each prompt's rest once
+    if "kv_cache_tokens" in options:
+        assert shared_engine.stats["preemptions"] > 0
+    else:  # the start once, each prompt's rest once
         assert shared_engine.stats["prompt_tokens"] == 27 + sum(len(p) - 27 for p in prompts)
         assert alone_engine.stats["prompt_tokens"] == 2 * sum(len(p) for p in prompts)
 
