@@ -12,7 +12,7 @@ from dsv4.core.interfaces import VerifyResult, VerifySample
 from dsv4.engine.engine import Engine, EngineConfig
 from dsv4.rl.grpo import GRPOConfig, GRPOTrainer
 from dsv4.rl.policy import CompletionBatch, _layout, _replay, clone_model, completion_logprobs, weights_checksum
-from dsv4.rl.tasks import ALPHABET, AdditionTask
+from dsv4.rl.tasks import ALPHABET, AdditionTask, Problem
 from dsv4.testing.models import random_model
 from dsv4.testing.tokenizers import write_char_tokenizer
 
@@ -196,3 +196,16 @@ def test_shared_layout_covers_one_token_completions_and_repeated_prompts() -> No
         alone, _ = completion_logprobs(model, batch, share_prompts=False)
     assert [len(x) for x in shared] == [1, 3, 2, 1]
     assert all(torch.equal(a, b) for a, b in zip(shared, alone, strict=True))
+
+
+def test_true_on_policy_with_a_long_common_prompt_start(tmp_path: Path) -> None:
+    """Prompts with a shared start (computed once by the engine and once by the trainer) stay exactly on
+    policy."""
+    trainer = _trainer(tmp_path, true_on_policy=True, lr=1e-2)
+    prefix = "1+2=3 4+4=8 5+1=6 "  # 18 characters in common (19 tokens with the BOS)
+    trainer.sample_problems = lambda n, salt: [Problem(prefix + p.prompt, p.answer)
+                                               for p in AdditionTask(1, seed=salt).sample(n)]
+    for step in range(2):
+        metrics = trainer.step(step)
+        assert metrics["rollout_vs_train_logprob_abs_diff_max"] == 0.0
+    assert trainer.engine.stats["prompt_tokens"] < 2 * 6 * len(prefix)  # the start was prefilled once a step
