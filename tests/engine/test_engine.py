@@ -352,3 +352,12 @@ def test_short_common_starts_and_aborted_waiters(model_dir: Path) -> None:
     assert list(engine.iter_generate(_with_common_start(2, seed=42), SamplingParams(max_tokens=3))) == []
     assert not engine.scheduler.has_work() and not engine._starts
     assert all(engine.pool.pages_used(s) == 0 for s in engine.pool.streams)  # type: ignore[attr-defined]
+
+
+def test_generate_queues_nothing_when_one_prompt_is_bad(model_dir: Path) -> None:
+    engine = Engine(model_dir)
+    for bad in ([], [VOCAB + 5], ["x"]):
+        with pytest.raises((ValueError, TypeError)):
+            engine.generate([[5, 6, 7], bad], SamplingParams(max_tokens=2))  # type: ignore[list-item]
+        assert not engine.has_unfinished() and not engine.scheduler.has_work()
+    assert engine.generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0].finished

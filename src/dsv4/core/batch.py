@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ForwardBatch"]
+__all__ = ["ForwardBatch", "common_prefix"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,3 +141,13 @@ def _check_parents(parents: tuple[int, ...], prefix_lens: list[int], extend_lens
         if not 0 < prefix_lens[r] <= prefix_lens[q] + extend_lens[q]:
             raise ValueError(f"request {r}: a prefix of {prefix_lens[r]} tokens from parent {q}, "
                              f"which has {prefix_lens[q] + extend_lens[q]}")
+
+
+def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of the token sequences (the part a batch can compute once)."""
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for j in range(n):
+        if any(s[j] != first[j] for s in sequences):
+            return j
+    return n

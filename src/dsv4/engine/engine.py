@@ -18,7 +18,7 @@ import torch
 from loguru import logger
 from pydantic import Field
 
-from dsv4.core.batch import ForwardBatch
+from dsv4.core.batch import ForwardBatch, common_prefix
 from dsv4.core.interfaces import KVPool, RoutingTrace
 from dsv4.core.numerics import token_logprobs
 from dsv4.core.kv import StreamSpec
@@ -259,7 +259,7 @@ class Engine:
         if not self._share_prompt or len(reqs) < 2:
             return False
         prompts = [r.prompt_ids for r in reqs]
-        length = min(min(len(p) for p in prompts) - 1, _common_start(prompts))
+        length = min(min(len(p) for p in prompts) - 1, common_prefix(prompts))
         if length < _MIN_SHARED_START:
             return False
         ids = prompts[0][:length]
@@ -489,10 +489,10 @@ class Engine:
         """Run prompts to completion, yielding ``(index, output)`` as each request finishes."""
         plist = _per_prompt(params, len(prompts))
         reqs = []
-        try:
+        try:  # every prompt is checked before any is queued
             for prompt, p in zip(prompts, plist, strict=True):
-                reqs.append(self._new_request(prompt, p or SamplingParams(), None))
-        except ValueError:
+                reqs.append(self._new_request(prompt, p, None))
+        except Exception:
             for req in reqs:
                 del self.requests[req.request_id]
             raise
@@ -524,16 +524,6 @@ class Engine:
 # generate() prefills its prompts' common start once when it is at least this long (shorter ones are
 # not worth the extra step and the page copies).
 _MIN_SHARED_START = 16
-
-
-def _common_start(prompts: list[list[int]]) -> int:
-    """Length of the longest common prefix of ``prompts``."""
-    first = prompts[0]
-    n = min(len(p) for p in prompts)
-    for j in range(n):
-        if any(p[j] != first[j] for p in prompts):
-            return j
-    return n
 
 
 def _per_prompt(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:

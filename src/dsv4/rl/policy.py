@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 import xxhash
 
-from dsv4.core.batch import ForwardBatch
+from dsv4.core.batch import ForwardBatch, common_prefix
 from dsv4.core.interfaces import RoutingTrace
 from dsv4.core.numerics import token_logprobs
 from dsv4.engine.outputs import Routing
@@ -65,7 +65,7 @@ def _layout(batch: CompletionBatch, share_prompts: bool) -> _Layout:
     prompts: dict[tuple[int, ...], int] = {}  # distinct prompt -> the first sequence that has it
     for i, (seq, p) in enumerate(pairs):
         prompts.setdefault(tuple(seq[:p]), i)
-    shared = _common_start(list(prompts)) if len(prompts) > 1 else 0
+    shared = common_prefix(list(prompts)) if len(prompts) > 1 else 0
     tokens: list[list[int]] = []
     prefix: list[int] = []
     parents: list[int] = []
@@ -90,15 +90,6 @@ def _layout(batch: CompletionBatch, share_prompts: bool) -> _Layout:
             own += [(child, j) for j in range(len(seq) - p - 1)]
         rows.append(own)
     return _Layout(tokens, prefix, parents, _flat(rows, tokens), records)
-
-
-def _common_start(keys: list[tuple[int, ...]]) -> int:
-    """Length of the longest common prefix of ``keys``."""
-    n = min(len(k) for k in keys)
-    for j in range(n):
-        if any(k[j] != keys[0][j] for k in keys):
-            return j
-    return n
 
 
 def _flat(rows: list[list[tuple[int, int]]], tokens: list[list[int]]) -> list[list[int]]:
