@@ -131,9 +131,10 @@ def completion_logprobs(
     Computed with :func:`dsv4.core.numerics.token_logprobs`, the same function the engine uses for
     the behaviour logprobs, in the model's numerics mode: with batch-invariant numerics on both sides
     the two agree bit for bit. ``replay`` imposes the recorded expert / indexer choices.
-    ``share_prompts`` computes each distinct prompt once for all its completions (a group's G
-    completions cost one prompt, not G; the same logprobs and gradients up to summation order, and
-    bit for bit in batch-invariant mode); the indexer's objective then counts a prompt's rows once.
+    ``share_prompts`` computes the prompts' common start once and each distinct prompt once for all its
+    completions (a group's G completions cost one prompt, not G; the same logprobs and gradients up to
+    summation order, and bit for bit in batch-invariant mode); the indexer's objective then counts
+    those rows once.
     """
     device = model.embed.weight.device
     layout = _layout(batch, share_prompts)
