@@ -12,11 +12,14 @@ G completions per prompt, at most M new tokens, temperature 1.0 (no top-k/top-p)
 ``numeric`` verifier, no KL (beta 0), one AdamW step per generation batch (TRL: per_device_train_batch_size =
 generation_batch_size = P·G, num_iterations 1), clip 0.2/0.28, token-level loss normalisation (TRL "dapo"),
 grad-norm clip 1.0, betas (0.9, 0.99), no weight decay, constant LR, fp32, no activation checkpointing.
-dsv4 runs without dynamic sampling (no refills: exactly P·G completions per step, as TRL).
+dsv4 runs without dynamic sampling (no refills: exactly P·G completions per step, as TRL). ``--fewshot K`` puts
+the same K worked examples before every prompt (as a few-shot block or system prompt would be): dsv4 computes
+that common start once per step in rollouts and in training (``--no-share-prompt`` turns the trainer's side off),
+TRL computes every prompt for every sample.
 
     python benchmarks/bench_grpo.py                         # G=8, P=8, M=6, S=5
     python benchmarks/bench_grpo.py -G 16 -P 4 -S 10 --json out.json
-    python benchmarks/bench_grpo.py --fewshot 10            # ~130-token prompts, each group's prompt computed once
+    python benchmarks/bench_grpo.py --fewshot 10            # ~110-token prompts with a ~100-token common start
     python benchmarks/bench_grpo.py --model DIR             # an existing checkpoint dir (with tokenizer.json)
 """
 
