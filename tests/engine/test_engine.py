@@ -218,6 +218,18 @@ def _samples(model_dir: Path, share: bool, prompts: list[list[int]], params: Sam
     return engine, outs
 
 
+def _assert_same_outputs(got: list, want: list) -> None:
+    """Every sample's tokens, logprobs (raw and top-N) and routing records are equal."""
+    for a, b in zip(got, want, strict=True):
+        for x, y in zip(a.outputs, b.outputs, strict=True):
+            assert x.token_ids == y.token_ids and x.token_logprobs == y.token_logprobs
+            assert x.logprobs == y.logprobs
+            assert x.routing is not None and y.routing is not None
+            for mine, theirs in ((x.routing.experts, y.routing.experts), (x.routing.indexer, y.routing.indexer)):
+                assert mine.keys() == theirs.keys()
+                assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
 # Where copied caches meet the engine's edge cases: room for everything, chunks that end anywhere, a
 # pool so small that sequences are preempted and recomputed.
 SHARING_OPTIONS = pytest.mark.parametrize(
@@ -238,14 +250,7 @@ def test_a_prompt_sampled_n_times_is_prefilled_once_with_the_same_results(model_
     opts = dict(batch_invariant=True, return_token_logprobs=True, record_routing=True, **options)
     shared_engine, shared = _samples(model_dir, True, prompts, params, **opts)
     alone_engine, alone = _samples(model_dir, False, prompts, params, **opts)
-    for a, b in zip(shared, alone, strict=True):
-        for x, y in zip(a.outputs, b.outputs, strict=True):
-            assert x.token_ids == y.token_ids and x.token_logprobs == y.token_logprobs
-            assert x.logprobs == y.logprobs
-            assert x.routing is not None and y.routing is not None
-            for got, want in ((x.routing.experts, y.routing.experts), (x.routing.indexer, y.routing.indexer)):
-                assert got.keys() == want.keys()
-                assert all(torch.equal(got[k], want[k]) for k in got)
+    _assert_same_outputs(shared, alone)
     assert len({tuple(o.token_ids) for o in shared[0].outputs}) > 1
     if "kv_cache_tokens" not in options:  # (preemption recomputes prompts, so counts differ there)
         per_prompt = sum(len(p) for p in prompts)
@@ -313,12 +318,7 @@ def test_generate_prefills_the_prompts_common_start_once(model_dir: Path, option
     opts = dict(batch_invariant=True, return_token_logprobs=True, record_routing=True, **options)
     shared_engine, shared = _samples(model_dir, True, prompts, params, **opts)
     alone_engine, alone = _samples(model_dir, False, prompts, params, **opts)
-    for a, b in zip(shared, alone, strict=True):
-        for x, y in zip(a.outputs, b.outputs, strict=True):
-            assert x.token_ids == y.token_ids and x.token_logprobs == y.token_logprobs and x.logprobs == y.logprobs
-            assert x.routing is not None and y.routing is not None
-            for got, want in ((x.routing.experts, y.routing.experts), (x.routing.indexer, y.routing.indexer)):
-                assert all(torch.equal(got[k], want[k]) for k in want)
+    _assert_same_outputs(shared, alone)
     if "kv_cache_tokens" in options:
         assert shared_engine.stats["preemptions"] > 0
     else:  # the start once, each prompt's rest once
