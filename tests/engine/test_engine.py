@@ -361,3 +361,11 @@ def test_generate_queues_nothing_when_one_prompt_is_bad(model_dir: Path) -> None
             engine.generate([[5, 6, 7], bad], SamplingParams(max_tokens=2))  # type: ignore[list-item]
         assert not engine.has_unfinished() and not engine.scheduler.has_work()
     assert engine.generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0].finished
+
+
+def test_the_same_checkpoint_by_a_relative_path(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsv4.engine.engine import EngineConfig
+
+    monkeypatch.chdir(model_dir.parent)
+    engine = Engine(model_dir.name, config=EngineConfig(model=str(model_dir)))
+    assert engine.config.model == str(model_dir)

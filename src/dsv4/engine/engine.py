@@ -100,7 +100,8 @@ class Engine:
         if config is None:
             config = EngineConfig(model=path, **options)
         else:
-            if path is not None and config.model is not None and Path(path) != Path(config.model):
+            same = path is None or config.model is None or Path(path).resolve() == Path(config.model).resolve()
+            if not same:
                 raise ValueError(f"two checkpoints given: {path!r} and config.model={config.model!r}")
             if options or (path is not None and config.model is None):
                 # validated like the constructor's options (model_copy would not check them)
