@@ -16,9 +16,11 @@ candidate code runs):
              that uid" also finds processes that left the session (a fork bomb calling setsid)
 ``netns``    a new network namespace with no interface up: no connection (not even to the host's
              loopback) and no DNS
-``mountns``  a private mount namespace: every mount read-only except the work directory's tmpfs
-             (size-limited, gone with the namespace), an empty root-owned tmpfs on /tmp, and a fresh
-             /proc; an interpreter under a private directory (e.g. /root) is bind-mounted back alone
+``mountns``  a private mount namespace and a new root holding, read-only, only the system
+             directories (/usr, /lib...), a few /etc files, a few devices and the interpreter; an empty
+             /tmp, a fresh /proc showing only the program's own processes, and the work directory's
+             tmpfs (size- and inode-limited, gone with the namespace), the only writable place. No
+             other file of the host (home directories, the data the tests come from) is visible
 ``pidns``    a new pid namespace: when the harness exits or is killed, the kernel kills what is left
 ``ipcns``    a new IPC namespace (no System V shared memory with the host)
 ``rlimits``  CPU time, address space, file size, process count, no core dumps (per test process)
@@ -28,6 +30,7 @@ candidate code runs):
 
 from __future__ import annotations
 
+import ast
 import ctypes
 import json
 import os
@@ -47,7 +50,7 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 32, 1024, 2048, 4096, 16384
+MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_MOVE, MS_REC = 32, 1024, 2048, 4096, 8192, 16384
 MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 1 << 18, 1 << 21, 1 << 24
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
@@ -60,7 +63,10 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 
 # The runner: the only code that runs as the sandbox user. It reads a per-test nonce before the
 # candidate code runs and writes it back only after the assert test finished, so a program that
-# exits early (sys.exit(0), os._exit(0)) before the asserts ran does not pass.
+# exits early (sys.exit(0), os._exit(0)) before the asserts ran does not pass. That nonce is in the
+# program's own process, so a program that goes looking for it can forge it: the asserts that matter
+# most (``assert E == literal``) are therefore judged by the harness instead (see _judged_outside),
+# from values the runner reports (``__dsv4_value__``) on the status file.
 RUNNER = r'''
 import os, sys
 
@@ -86,8 +92,34 @@ def _guard(workdir):
 
     sys.addaudithook(hook)
 
+def _plain(value, depth=0):
+    # An exact builtin copy of ``value`` (a namedtuple becomes a tuple, an IntEnum an int, an
+    # OrderedDict a dict, a dict's keys a set...) whose repr the harness reads back with literal_eval.
+    if depth > 100:
+        raise ValueError("nested too deeply")
+    if value is None or isinstance(value, bool):
+        return value
+    for base in (int, float, complex, str, bytes):
+        if isinstance(value, base):
+            return base(value)
+    if isinstance(value, bytearray):
+        return bytes(value)
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v, depth + 1) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, dict):
+        return {_plain(k, depth + 1): _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (set, frozenset, type({}.keys()), type({}.items()))):
+        return {_plain(v, depth + 1) for v in value}
+    item = getattr(type(value), "item", None)
+    if callable(item):  # a numpy scalar (np.int64 is no int) or 0-d array: its Python value
+        return _plain(item(value), depth + 1)
+    raise TypeError(type(value).__name__)
+
 def _main():
     mode, guard, workdir, solution, test, nonce_fd, status_fd = sys.argv[1:8]
+    # Bound before the program runs: replacing builtins.exec or os.write must not skip the test.
+    run, build, write, status = exec, compile, os.write, int(status_fd)
     nonce = os.read(int(nonce_fd), 64)
     os.close(int(nonce_fd))
     with open(solution, "rb") as f:
@@ -100,10 +132,18 @@ def _main():
     if guard == "1":
         _guard(workdir)
     scope = {"__name__": "__main__" if mode == "stdio" else "solution", "__builtins__": __builtins__}
-    exec(compile(source, "solution.py", "exec"), scope)
+    run(build(source, "solution.py", "exec"), scope)
     if test_source is not None:
-        exec(compile(test_source, "test.py", "exec"), scope)
-    os.write(int(status_fd), nonce)
+        def report(k, value):
+            try:
+                text = repr(_plain(value))
+            except Exception:
+                text = "?" + type(value).__name__  # no plain value: not equal to any literal
+            write(status, b"%d %s\n" % (k, text.encode("utf-8", "backslashreplace")))
+
+        scope["__dsv4_value__"] = report
+        run(build(test_source, "test.py", "exec"), scope)
+    write(status, b"end " + nonce + b"\n")
 
 _main()
 '''
@@ -187,7 +227,12 @@ def harness(job: dict[str, Any], iso: dict[str, bool]) -> dict[str, Any]:
         except OSError:
             iso["mountns"] = False  # nothing was changed yet: carry on without a private filesystem
         else:
-            _private_filesystem(base, job["expose"], job["limits"]["disk_mb"], iso["pidns"])
+            _private_filesystem(base, job["expose"], job["limits"]["disk_mb"])
+    if iso["ipcns"]:
+        # System V shared memory outlives its processes and is in nobody's resident memory: in this
+        # namespace a segment goes when its last process detaches (the memory watch sees it until then).
+        with open("/proc/sys/kernel/shm_rmid_forced", "w") as f:
+            f.write("1")
     dirs = _prepare_dirs(base, uid)
     iso["rlimits"] = True
     iso["guards"] = bool(job["guards"])
@@ -236,62 +281,81 @@ _FLAG_NAMES = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noa
                "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
 
 
-def _private_filesystem(base: str, expose: list[str], disk_mb: int, pidns: bool) -> None:
-    """Everything read-only but a fresh tmpfs at ``base``; /tmp empty; the interpreter reachable."""
-    if os.path.isdir("/tmp"):
-        _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=1m,mode=0755")
-    os.makedirs(base, exist_ok=True)  # re-created inside the new /tmp when it was under /tmp
-    _mount("tmpfs", base, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"size={int(disk_mb)}m,mode=0755")
-    _expose(expose, os.path.join(base, ".stage"))
+# The new root holds only what an interpreter needs: the system's programs and libraries, the few /etc
+# files the dynamic loader and the C library read, and a few devices. Everything else of the host (home
+# directories, /work, /opt, /mnt, data sets holding the tests' answers, host sockets) is not there.
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "passwd", "group", "nsswitch.conf", "hosts")
+_DEVICES = ("null", "zero", "full", "random", "urandom")
+_DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+              ("stderr", "/proc/self/fd/2"))
+#: Files (inodes) the work tmpfs may hold: creating millions of empty files would cost kernel memory
+#: that no size limit counts.
+_MAX_INODES = 16384
+
+
+def _private_filesystem(base: str, expose: list[str], disk_mb: int) -> None:
+    """Change root to a new tree: read-only bind mounts of the system directories and of the interpreter
+    (``expose``) only, an empty read-only /tmp, a few devices, a fresh /proc, and at ``base`` a
+    size-limited tmpfs, the only writable place. The tree is built on a tmpfs mounted over ``base`` (an
+    empty directory of ours), moved onto / and entered with chroot (as with pivot_root, the old root is
+    then under the new one, out of every path's reach)."""
+    root = base
+    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    for path in ("/tmp", "/proc", "/dev", base):
+        os.makedirs(root + path, 0o755, exist_ok=True)
+    bound: list[str] = []
+    for path in (*_SYSTEM_DIRS, *(f"/etc/{n}" for n in _ETC_FILES), *(f"/dev/{n}" for n in _DEVICES)):
+        if os.path.islink(path):  # e.g. /bin -> usr/bin on a merged /usr: the same link
+            os.makedirs(os.path.dirname(root + path), 0o755, exist_ok=True)
+            os.symlink(os.readlink(path), root + path)
+        elif os.path.exists(path):
+            _bind(path, root + path)
+            bound.append(path)
+    for path in expose:
+        path = os.path.abspath(path)
+        # Never the whole host; nothing already there (making its directories would write to the host).
+        if path != "/" and os.path.isdir(path) and not any(path == b or path.startswith(b + "/") for b in bound):
+            _bind(path, root + path)
+            bound.append(path)
+    for name, target in _DEV_LINKS:
+        os.symlink(target, f"{root}/dev/{name}")
+    _mount("tmpfs", root + base, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+           f"size={int(disk_mb)}m,nr_inodes={_MAX_INODES},mode=0755")
+    # Read-only: every mount of the new tree (the tree's own tmpfs, and mounts below a bound directory)
+    # but the work tmpfs.
     for path, options in _mount_points():
-        if path == base:
-            continue
-        flags = MS_REMOUNT | MS_BIND | MS_RDONLY  # MS_BIND: this mount only, never the filesystem itself
-        for name in options.split(","):
-            flags |= _FLAG_NAMES.get(name, 0)
-        _libc.mount(None, _b(path), None, flags, None)  # best effort: a mount that refuses stays as it is
-    if pidns:
+        if path == root or (path.startswith(root + "/") and path != root + base):
+            _remount_read_only(path, options)
+    os.chdir(root)
+    _mount(root, "/", None, MS_MOVE)
+    os.chroot(".")
+    os.chdir("/")
+    # hidepid=2: the program sees its own processes only (not the harness, pid 1).
+    try:
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
+    except OSError:
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
-def _blocked_ancestor(path: str) -> str | None:
-    """The top-most directory above ``path`` that others may not traverse (e.g. /root), if any."""
-    parts = path.strip("/").split("/")
-    for k in range(1, len(parts)):
-        d = "/" + "/".join(parts[:k])
-        if not os.stat(d).st_mode & 0o001:
-            return d
-    return None
+def _bind(source: str, target: str) -> None:
+    """Bind-mount ``source`` read-only at ``target`` (created: a directory, or an empty file)."""
+    os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+    if os.path.isdir(source):
+        os.makedirs(target, 0o755, exist_ok=True)
+    else:
+        with open(target, "ab"):
+            pass
+    _mount(source, target, None, MS_BIND | MS_REC)
+    # At once, not at the end: nothing made later below ``target`` may land on the host's filesystem.
+    _remount_read_only(target, next((o for p, o in reversed(_mount_points()) if p == target), ""))
 
 
-def _expose(paths: list[str], staging: str) -> None:
-    """Make ``paths`` (the interpreter's prefixes) reachable for the sandbox user when a directory above
-    them is private: replace that directory by an empty tmpfs holding bind mounts of ``paths`` only."""
-    blocked: dict[str, list[str]] = {}
-    for path in sorted({os.path.realpath(p) for p in paths if os.path.isdir(p)}):
-        ancestor = _blocked_ancestor(path)
-        if ancestor is not None:
-            blocked.setdefault(ancestor, []).append(path)
-    if not blocked:
-        return
-    os.mkdir(staging, 0o700)
-    n = 0
-    for ancestor, subs in blocked.items():
-        subs = [s for s in subs if not any(s.startswith(t + "/") for t in subs)]  # nested: keep the outer
-        staged = []
-        for sub in subs:
-            stage = os.path.join(staging, str(n))
-            n += 1
-            os.mkdir(stage)
-            _mount(sub, stage, None, MS_BIND | MS_REC)
-            staged.append((sub, stage))
-        _mount("tmpfs", ancestor, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
-        for sub, stage in staged:
-            os.makedirs(sub, 0o755, exist_ok=True)
-            _mount(stage, sub, None, MS_BIND | MS_REC)
-            _check(_libc.umount2(_b(stage), MNT_DETACH), f"umount {stage}")
-            os.rmdir(stage)
-    os.rmdir(staging)
+def _remount_read_only(path: str, options: str) -> None:
+    flags = MS_REMOUNT | MS_BIND | MS_RDONLY  # MS_BIND: this mount only, never the filesystem itself
+    for name in options.split(","):
+        flags |= _FLAG_NAMES.get(name, 0)
+    _check(_libc.mount(None, _b(path), None, flags, None), f"remount {path} read-only")
 
 
 def _prepare_dirs(base: str, uid: int | None) -> dict[str, str]:
@@ -352,20 +416,50 @@ def _own_processes() -> int:
     return count
 
 
-def _wait(proc: subprocess.Popen[bytes], timeout: float) -> bool:
-    """Whether ``proc`` exited within ``timeout`` (a pidfd: no polling loop, no missed deadline)."""
+def _wait(proc: subprocess.Popen[bytes], timeout: float, uid: int | None, memory: int) -> str | None:
+    """Wait for ``proc`` to exit within ``timeout``: None, or why it is still running: ``"timeout"``,
+    or ``"memory"`` once the processes of ``uid`` together hold more than ``memory`` bytes (RLIMIT_AS
+    bounds each process alone: a program that forks could hold ``max_processes`` times as much)."""
+    deadline = time.monotonic() + timeout
     try:
         fd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):
-        try:
-            proc.wait(timeout)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
+        fd = None
     try:
-        return bool(select.select([fd], [], [], timeout)[0])
+        while True:
+            # A pidfd is readable once the process exited; with no uid to watch, one wait does.
+            left = deadline - time.monotonic()
+            step = max(0.0, min(left, 0.02) if uid is not None else left)
+            if fd is not None:
+                if select.select([fd], [], [], step)[0]:
+                    return None
+            else:
+                try:
+                    proc.wait(step)
+                    return None
+                except subprocess.TimeoutExpired:
+                    pass
+            if time.monotonic() >= deadline:
+                return "timeout"
+            if uid is not None and _resident(uid) > memory:
+                return "memory"
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
+
+
+def _resident(uid: int) -> int:
+    """Bytes resident in the processes of ``uid`` (pages they share count once per process)."""
+    pages = 0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.stat(f"/proc/{pid}").st_uid == uid:
+                    with open(f"/proc/{pid}/statm") as f:
+                        pages += int(f.read().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def _reap() -> None:
@@ -405,13 +499,80 @@ def _sweep(uid: int, pidns: bool) -> None:
         _reap()
 
 
-_RUNNER_FRAME = re.compile(r'^  File "<string>", line \d+, in (?:<module>|_main)\n', re.MULTILINE)
+_RUNNER_FRAME = re.compile(r'^  File "<string>", line \d+, in (?:<module>|_main|report)\n', re.MULTILINE)
 
 
 def _tail(data: bytes, limit: int = 600) -> str:
     # The runner's own frames say nothing about the candidate's code: leave them out.
     text = _RUNNER_FRAME.sub("", data.decode("utf-8", "replace")).strip()
     return text if len(text) <= limit else "…" + text[-limit:]
+
+
+def _judged_outside(source: str) -> tuple[str, list[tuple[str, Any]]]:
+    """``source`` with each ``assert E == L`` / ``assert L == E`` / ``assert E in L`` (``L`` a literal)
+    replaced by ``__dsv4_value__(k, E)``, and the comparisons (``("==" or "in", L)``). The program only
+    reports E's value; the harness compares it with L, which never enters the sandbox, so no program
+    passes such an assert without computing the value: an object whose ``__eq__`` is always true,
+    patched builtins, a forged status file or nonce, os._exit before the asserts, none of these helps.
+    Other asserts still run inside the program's process, where a program that takes its own
+    interpreter apart could fake them."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return source, []  # run as it is: the runner reports the error
+    expected: list[tuple[str, Any]] = []
+
+    class Split(ast.NodeTransformer):
+        def visit_Assert(self, node: ast.Assert) -> ast.AST:
+            test = node.test
+            if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq | ast.In)):
+                return node
+            op = "==" if isinstance(test.ops[0], ast.Eq) else "in"
+            sides = [(test.left, test.comparators[0])] + ([(test.comparators[0], test.left)] if op == "==" else [])
+            for expr, literal in sides:
+                try:
+                    value = ast.literal_eval(literal)
+                except Exception:  # noqa: BLE001  (not a literal)
+                    continue
+                call = ast.Call(ast.Name("__dsv4_value__", ast.Load()), [ast.Constant(len(expected)), expr], [])
+                expected.append((op, value))
+                return ast.copy_location(ast.Expr(call), node)
+            return node
+
+    try:
+        split = ast.unparse(ast.fix_missing_locations(Split().visit(tree)))
+    except (ValueError, MemoryError, RecursionError):
+        return source, []
+    return (split, expected) if expected else (source, [])
+
+
+def _compare(status: bytes, expected: list[tuple[str, Any]]) -> tuple[str, str] | None:
+    """Whether the values the program reported (lines ``k repr``) match ``expected``: None, or
+    ``("wrong", why)`` when one does not, ``("missing", why)`` when an assert never reported."""
+    seen = set()
+    for line in status.split(b"\n"):
+        number, _, text = line.partition(b" ")
+        if not line or number == b"end":
+            continue
+        k = int(number) if number.isdigit() and len(number) < 9 else -1
+        if not 0 <= k < len(expected):
+            return "wrong", f"unexpected report {line[:80]!r}"
+        if text.startswith(b"?"):
+            return "wrong", f"assert {k}: returned a {text[1:80].decode(errors='replace')}, not a plain value"
+        try:
+            value = ast.literal_eval(text.decode())
+        except Exception:  # noqa: BLE001  (not a literal: forged, or inf / nan)
+            return "wrong", f"assert {k}: got {text[:200].decode(errors='replace')}"
+        op, literal = expected[k]
+        try:  # plain values only: nothing of the program's takes part
+            right = value == literal if op == "==" else value in literal
+        except TypeError:  # e.g. an unhashable value `in` a set
+            right = False
+        if not right:
+            return "wrong", f"assert {k}: got {text[:200].decode(errors='replace')}"
+        seen.add(k)
+    missing = [k for k in range(len(expected)) if k not in seen]
+    return ("missing", f"assert {missing[0]} never ran") if missing else None
 
 
 def _normalize(text: str) -> str:
@@ -435,9 +596,11 @@ def _run_test(
         os.chown(work, uid, uid)
     mode = "assert" if "assert" in test else "stdio"
     test_path = ""
+    expected: list[tuple[str, Any]] = []  # the comparisons of the asserts judged here
     if mode == "assert":
         test_path = os.path.join(dirs["code"], "test.py")  # written now: later tests stay unseen
-        _write(test_path, test["assert"], 0o644)
+        source, expected = _judged_outside(test["assert"])
+        _write(test_path, source, 0o644)
     paths = {name: os.path.join(io, name) for name in ("stdin", "stdout", "stderr", "status")}
     _write(paths["stdin"], test.get("stdin", ""), 0o600)
     nonce = secrets.token_hex(16).encode()
@@ -467,7 +630,7 @@ def _run_test(
     finally:
         os.close(nonce_r)
         os.close(status_fd)
-    finished = _wait(proc, float(limits["timeout"]))
+    stopped = _wait(proc, float(limits["timeout"]), uid, int(limits["memory_mb"]) << 20)
     seconds = round(time.monotonic() - start, 4)
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # whatever the program left running in its session
@@ -482,12 +645,21 @@ def _run_test(
     with open(paths["stderr"], "rb") as f:
         f.seek(max(0, os.fstat(f.fileno()).st_size - 4000))
         err = f.read()
+    # Reported values: as long as the literals they are compared with, and then some.
+    cap = (1 << 20) + 4 * len(test.get("assert", ""))
     with open(paths["status"], "rb") as f:
-        passed_asserts = f.read(64) == nonce
+        status_data = f.read(cap + 1)
+    completed = status_data.endswith(b"end " + nonce + b"\n")  # the test ran to its end
+    mismatch = _compare(status_data, expected) if expected and len(status_data) <= cap else None
+    if expected and len(status_data) > cap:
+        mismatch = "wrong", f"reported more than {cap} bytes of values"
     if test_path:
         os.remove(test_path)
-    if not finished:
+    if stopped == "timeout":
         return {"status": "timeout", "seconds": seconds, "detail": f"still running after {limits['timeout']}s"}
+    if stopped == "memory":
+        return {"status": "memory_limit", "seconds": seconds,
+                "detail": f"its processes together used more than {limits['memory_mb']} MiB"}
     if rc < 0:
         status = {int(signal.SIGXCPU): "cpu_limit", int(signal.SIGXFSZ): "output_limit"}.get(-rc, "killed")
         return {"status": status, "seconds": seconds, "detail": f"killed by {signal.strsignal(-rc) or -rc}"}
@@ -496,6 +668,8 @@ def _run_test(
         detail = _tail(err)
         if mode == "assert" and detail.rsplit("\n", 1)[-1].startswith("AssertionError"):
             return {"status": "wrong_answer", "seconds": seconds, "detail": detail}  # a failed assert: an answer
+        if mismatch is not None and mismatch[0] == "wrong":  # a wrong value came first
+            return {"status": "wrong_answer", "seconds": seconds, "detail": mismatch[1]}
         status = "runtime_error"
         if b"MemoryError" in err:
             status = "memory_limit"
@@ -503,8 +677,10 @@ def _run_test(
             status = "output_limit"
         return {"status": status, "seconds": seconds, "detail": detail}
     if mode == "assert":
-        if not passed_asserts:
+        if not completed:
             return {"status": "exited_early", "seconds": seconds, "detail": "exited before the test finished"}
+        if mismatch is not None:  # wrong, or never ran (the test's run was skipped: a forged finish)
+            return {"status": "wrong_answer", "seconds": seconds, "detail": mismatch[1]}
         return {"status": "passed", "seconds": seconds, "detail": ""}
     got = out.decode("utf-8", "replace")
     if _normalize(got) == _normalize(test["stdout"]):

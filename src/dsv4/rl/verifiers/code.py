@@ -120,6 +120,14 @@ def reference_tests(reference: Mapping[str, Any], max_tests: int) -> list[dict[s
     asserts = reference.get("assert_tests", [])
     if not isinstance(asserts, list | tuple) or not all(isinstance(a, str) for a in asserts):
         return "reference 'assert_tests' must be a list of strings"
+    for k, source in enumerate(asserts):
+        # A blank test would pass any program; a broken one would be blamed on the program.
+        if not source.strip():
+            return f"reference 'assert_tests'[{k}] is empty"
+        try:
+            compile(source, f"assert_tests[{k}]", "exec", dont_inherit=True)
+        except (SyntaxError, ValueError, MemoryError, RecursionError) as exc:
+            return f"reference 'assert_tests'[{k}] is not valid Python: {type(exc).__name__}: {exc}"
     tests.extend({"assert": a} for a in asserts)
     if not tests:
         return "reference has no 'tests' or 'assert_tests'"

@@ -91,6 +91,9 @@ def _expose_paths(python: str) -> list[str]:
     paths = {sys.base_prefix, sys.base_exec_prefix} if os.path.realpath(python) == _default_python() else set()
     real = os.path.realpath(python)
     paths.add(os.path.dirname(os.path.dirname(real)))  # the interpreter's own prefix (bin/..)
+    # A virtual environment's interpreter is a link into its base: its own bin/.. (pyvenv.cfg, its
+    # site-packages) is needed too, as the sandbox sees nothing of the host but what is listed here.
+    paths.add(os.path.dirname(os.path.dirname(os.path.abspath(python))))
     return sorted(paths)
 
 
