@@ -170,13 +170,24 @@ def _train(args: argparse.Namespace) -> int:
     from dsv4.core.runconfig import load_run_config
     from dsv4.rl.recipe import TrainConfig, run_recipe
 
+    bundled = Path(__file__).parent / "recipes"
     recipe = Path(args.recipe)
-    if not recipe.suffix:
-        recipe = Path(__file__).parent / "recipes" / f"{args.recipe}.yaml"
+    if not recipe.is_file():  # a file wins; otherwise a bundled recipe's name
+        recipe = bundled / f"{args.recipe}.yaml"
     if not recipe.is_file():
-        raise ValueError(f"no recipe {args.recipe!r} (a bundled name or a YAML file)")
+        names = ", ".join(sorted(f.stem for f in bundled.glob("*.yaml")))
+        raise ValueError(f"no recipe {args.recipe!r}: not a file, nor a bundled recipe ({names})")
     overrides = list(args.overrides) + ([f"output_dir={args.output}"] if args.output else [])
-    run_recipe(load_run_config(TrainConfig, recipe, overrides))
+    config = load_run_config(TrainConfig, recipe, overrides)
+    try:
+        run_recipe(config)
+    except KeyboardInterrupt:
+        print(f"interrupted: rerun the same command to resume {config.output_dir} from its last checkpoint",
+              file=sys.stderr)
+        return 130
+    except OSError as exc:  # a read-only or full disk, ...: the message names the file; the last checkpoint stands
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

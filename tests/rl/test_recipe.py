@@ -106,3 +106,34 @@ def test_model_and_engine_overrides_change_one_key() -> None:
 def test_digit_weights_are_checked_with_the_config() -> None:
     with pytest.raises(ValidationError, match="digit_weights"):
         TrainConfig.model_validate({"max_digits": 3, "digit_weights": [1, 1]})
+
+
+def test_an_output_directory_of_another_run_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_recipe(_config(out, sft__max_steps=1, grpo__steps=1))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"other settings \(grpo\.lr: 0\.001 there, 0\.002 now\)"):
+        run_recipe(_config(out, sft__max_steps=1, grpo__steps=1, grpo__lr=2e-3))
+    with pytest.raises(ValueError, match=r"grpo\.steps changed from 1 to 0, but the checkpoint is already at step 1"):
+        run_recipe(_config(out, sft__max_steps=1, grpo__steps=0))
+    with pytest.raises(ValueError, match="overlaps the output directory"):
+        run_recipe(_config(out, sft__max_steps=1, grpo__steps=1, export_dir=str(out / "export")))
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="is not a model checkpoint"):
+        run_recipe(_config(out, sft__max_steps=1, grpo__steps=1, export_dir=str(precious)))
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+    model_dir = tmp_path / "a_model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "deepseek_v4"}))
+    with pytest.raises(ValueError, match="is not the config of a dsv4 train run"):
+        run_recipe(_config(model_dir))
+    assert json.loads((model_dir / "config.json").read_text()) == {"model_type": "deepseek_v4"}
+
+
+def test_unknown_model_key_is_named() -> None:
+    with pytest.raises(ValidationError, match=r"unknown model key\(s\) model\.hiden_size"):
+        _config(Path("unused"), model={**SMALL_MODEL, "hiden_size": 64})

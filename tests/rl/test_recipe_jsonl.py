@@ -263,5 +263,6 @@ def test_the_example_recipe_runs_from_the_command_line(tmp_path: Path, capsys: p
     assert (tmp_path / "run" / "final" / "tokenizer.json").is_file()
     bad = tmp_path / "bad.jsonl"
     bad.write_text(train.read_text() + '{"prompt": ["1+1="]}\n')
-    assert main([*args, f"data.train={bad}"]) == 2
+    bad_args = [str(tmp_path / "bad_run") if a == str(tmp_path / "run") else a for a in args]  # a new run
+    assert main([*bad_args, f"data.train={bad}"]) == 2
     assert f"error: {bad}:13: 'prompt' must be a string, got a list" in capsys.readouterr().err

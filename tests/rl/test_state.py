@@ -293,12 +293,37 @@ def test_missing_and_corrupt_checkpoints_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"latest names step-9, which does not exist"):
         load_any(tmp_path / "d")
 
-    # Same size, garbage bytes: the safetensors reader rejects it, and the message names the file.
+    # Same size, garbage bytes: the digest written with the file names it.
     saved(tmp_path / "e", 1)
     model_file = tmp_path / "e" / "step-1" / "model.safetensors"
     model_file.write_bytes(b"\xff" * model_file.stat().st_size)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors does not match the digest"):
         load_any(tmp_path / "e")
+
+    # One flipped bit in a tensor's data, a file the safetensors reader would load without complaint.
+    saved(tmp_path / "f", 1)
+    data = bytearray((tmp_path / "f" / "step-1" / "model.safetensors").read_bytes())
+    data[-3] ^= 0x10
+    (tmp_path / "f" / "step-1" / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"step-1/model\.safetensors does not match the digest"):
+        load_any(tmp_path / "f")
+
+    # A checkpoint written before digests were recorded still loads (its sizes are checked).
+    saved(tmp_path / "g", 1)
+    meta_file = tmp_path / "g" / "step-1" / "trainer_state.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["digests"]
+    meta_file.write_text(json.dumps(meta))
+    assert load_any(tmp_path / "g").step == 1
+
+
+def test_missing_latest_pointer_falls_back_to_the_newest_complete_step(tmp_path: Path) -> None:
+    saved(tmp_path, 1)
+    saved(tmp_path, 2)
+    (tmp_path / "latest").unlink()
+    (tmp_path / "step-3").mkdir()  # no trainer_state.json: never completed, not a candidate
+    assert latest_step_dir(tmp_path) == tmp_path / "step-2"
+    assert load_any(tmp_path).step == 2
 
 
 def test_mismatched_model_or_optimizer_is_rejected_before_anything_changes(tmp_path: Path) -> None:

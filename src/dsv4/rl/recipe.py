@@ -3,14 +3,16 @@
 A thin assembly: config → tokenizer, task data, model, engine, verifier (plugins) → SFT loop → GRPO loop.
 The task is the built-in addition task or records from jsonl files (:mod:`dsv4.rl.dataset`).
 Each phase writes metrics to jsonl, curves to PNG and atomic checkpoints; rerunning the same command
-resumes from the last checkpoint and continues bit-exactly.
+resumes from the last checkpoint and continues bit-exactly. An output directory that holds a run with
+other settings is refused before anything in it is written (see :func:`_check_output`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,14 @@ from dsv4.rl.grpo import GRPOConfig, GRPOTrainer, greedy_accuracy
 from dsv4.rl.monitor import MetricBands, MetricsLog, plot_curves
 from dsv4.rl.policy import clone_model, sync_weights
 from dsv4.rl.sft import SFTConfig, SFTTrainer
-from dsv4.rl.state import capture_rng, latest_step_dir, load_training_state, restore_rng, save_training_state
+from dsv4.rl.state import (
+    TRAINER_STATE_FILE,
+    capture_rng,
+    latest_step_dir,
+    load_training_state,
+    restore_rng,
+    save_training_state,
+)
 from dsv4.rl.tasks import ALPHABET, AdditionTask, Problem
 
 __all__ = ["TrainConfig", "run_recipe"]
@@ -89,6 +98,15 @@ class TrainConfig(RunConfigModel):
         return {**ADDITION_MODEL, **value} if isinstance(value, dict) else value
 
     @model_validator(mode="after")
+    def _model_keys_exist(self) -> TrainConfig:
+        # Caught here, naming `model.<key>`, rather than when the model is built inside the run.
+        unknown = sorted(set(self.model) - set(ModelConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown model key(s) {', '.join(f'model.{k}' for k in unknown)}; "
+                             "model.* takes the fields of dsv4.core.config.ModelConfig")
+        return self
+
+    @model_validator(mode="after")
     def _digit_weights_fit(self) -> TrainConfig:
         if self.digit_weights is not None:
             AdditionTask(self.max_digits, digit_weights=self.digit_weights)  # raises naming digit_weights
@@ -119,8 +137,9 @@ class TrainConfig(RunConfigModel):
 def run_recipe(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) the recipe; returns its summary (also written to ``<output_dir>/summary.json``)."""
     out = Path(config.output_dir)
+    _check_output(config, out)  # before anything in `out` is written
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(config.model_dump_json(indent=2))
+    _write_text(out / "config.json", config.model_dump_json(indent=2))
     torch.manual_seed(config.seed)
     tok_dir = out / "tokenizer"
     tokenizer = _tokenizer(tok_dir) if config.task == "addition" else _copy_tokenizer(config, tok_dir)
@@ -172,6 +191,9 @@ def run_recipe(config: TrainConfig) -> dict[str, Any]:
     grpo_state = _resume(out / "grpo" / "ckpt", policy, grpo.optimizer)
     if grpo_state:
         grpo.checksum = sync_weights(policy, engine.model)
+        if grpo_state["step"] >= grpo_cfg.steps:
+            logger.info("{} is a finished run (GRPO step {} of {}): nothing left to train; rewriting its final "
+                        "model and summary", out, grpo_state["step"], grpo_cfg.steps)
     bands = MetricBands({"rollout_vs_train_logprob_abs_diff_max": (None, config.max_logprob_diff)}
                         if config.max_logprob_diff is not None else {})
     with MetricsLog(out / "grpo_metrics.jsonl", resume_step=grpo_state.get("step", 0)) as log:
@@ -198,7 +220,7 @@ def run_recipe(config: TrainConfig) -> dict[str, Any]:
         shutil.copy2(f, final / f.name)
     if config.export_dir:
         _export(final, Path(config.export_dir))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_text(out / "summary.json", json.dumps(summary, indent=2))
     logger.info("recipe done: {}", summary)
     return summary
 
@@ -343,10 +365,143 @@ def _plot(jsonl: Path, png: Path, keys: tuple[str, ...]) -> None:
         logger.info("no curves for {}: {}", jsonl.name, e)
 
 
+def _check_export(target: Path, out: Path) -> None:
+    """``export_dir`` is replaced wholesale: refuse one that overlaps the run or holds anything but a model."""
+    t, o = target.resolve(), out.resolve()
+    if t == o or t in o.parents or o in t.parents:
+        raise ValueError(f"export_dir={target} overlaps the output directory {out}: exporting would delete the "
+                         "run; choose a directory outside it")
+    if t.exists() and not (t.is_dir() and (not any(t.iterdir()) or _is_model_dir(t))):
+        raise ValueError(f"export_dir={target} exists and is not a model checkpoint (config.json + safetensors); "
+                         "exporting replaces it: remove it or choose another directory")
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
 def _export(final: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{int(time.time())}")
+    _check_export(target, final.parent)  # again: the directory may have changed during the run
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     shutil.copytree(final, tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    if target.exists():  # moved aside first: the old export survives until the new one has its name
+        aside = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        target.rename(aside)
+        tmp.rename(target)
+        shutil.rmtree(aside)
+    else:
+        tmp.rename(target)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Replace ``path`` atomically: a crash or a full disk leaves the old content, never a torn file."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# -------------------------------------------------------------------------------------------- resume checks
+# Settings that do not change what is trained: a resumed run may change them freely.
+_FREE_ON_RESUME = {"output_dir", "progress", "export_dir", "checkpoint_every"}
+# Phase lengths: a resumed run may change them within the limits _check_phase_length sets.
+_LENGTHS = {"sft.max_steps", "grpo.steps"}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"sft": {"lr": 1}}`` as ``{"sft.lr": 1}``: differences are reported by the override's own key."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _checkpoint_meta(ckpt: Path) -> dict[str, Any] | None:
+    """The trainer_state.json of ``ckpt``'s latest checkpoint, None without one (or when it is unreadable:
+    loading it later raises the error naming the file)."""
+    latest = latest_step_dir(ckpt)
+    if latest is None:
+        return None
+    try:
+        meta = json.loads((latest / TRAINER_STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _check_output(config: TrainConfig, out: Path) -> None:
+    """Refuse, before anything is written, an output directory that is not this run's to resume.
+
+    - ``out`` is a file, or holds a ``config.json`` that is not a train config (a model checkpoint, say);
+    - ``out`` holds checkpoints of a run whose settings differ (other than :data:`_FREE_ON_RESUME`):
+      resuming would silently continue it as another run;
+    - a phase length changed where the continuation would not be the run with that length
+      (:func:`_check_phase_length`);
+    - ``export_dir`` would delete the run or a directory that is not a model.
+    """
+    if config.export_dir:
+        _check_export(Path(config.export_dir), out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"output directory {out} exists and is not a directory")
+    sft_meta, grpo_meta = _checkpoint_meta(out / "sft" / "ckpt"), _checkpoint_meta(out / "grpo" / "ckpt")
+    stored_file = out / "config.json"
+    stored: Any = None
+    if stored_file.is_file():
+        try:
+            stored = json.loads(stored_file.read_text())
+        except (OSError, ValueError):
+            stored = None
+        if not (isinstance(stored, dict) and {"seed", "sft", "grpo"} <= stored.keys()):
+            raise ValueError(f"{stored_file} is not the config of a dsv4 train run (a model checkpoint?); "
+                             f"choose another output directory than {out}")
+    if sft_meta is None and grpo_meta is None:
+        return  # nothing trained and checkpointed yet: a fresh start loses nothing
+    if stored is None:
+        logger.warning("{} has checkpoints but no config.json: cannot check they come from these settings",
+                       out)
+        return
+    old, new = _flat(stored), _flat(json.loads(config.model_dump_json()))
+    unset = "(unset)"  # a key only one side has, e.g. a model.* key the other run did not set
+    changed = [k for k in sorted(old.keys() | new.keys())
+               if old.get(k, unset) != new.get(k, unset) and k not in _FREE_ON_RESUME and k not in _LENGTHS]
+    if changed:
+        diffs = "; ".join(f"{k}: {old.get(k, unset)!r} there, {new.get(k, unset)!r} now" for k in changed)
+        raise ValueError(f"{out} holds a run with other settings ({diffs}); rerun with its settings to "
+                         f"resume it, or choose another output directory")
+    _check_phase_length("sft.max_steps", old.get("sft.max_steps"), config.sft.max_steps, config.sft.schedule,
+                        sft_meta, grpo_started=grpo_meta is not None)
+    _check_phase_length("grpo.steps", old.get("grpo.steps"), config.grpo.steps, config.grpo.schedule, grpo_meta,
+                        grpo_started=False)
+
+
+def _check_phase_length(key: str, old: Any, new: int, schedule: str, meta: dict[str, Any] | None, *,
+                        grpo_started: bool) -> None:
+    """A phase's length may change on resume (to extend a run) only when the result is the run with the new
+    length: the checkpoint is not past it, the learning rate does not depend on it (a cosine schedule
+    decays to the old length), and, for SFT, GRPO has not started from the old SFT model."""
+    if old is None or old == new or meta is None:
+        return
+    step = int(meta.get("step", 0))
+    done = bool(meta.get("extra", {}).get("done"))  # SFT stopped at its accuracy band: its length is moot
+    problem = None
+    if step > new:
+        problem = f"the checkpoint is already at step {step}"
+    elif not done and grpo_started:
+        problem = "GRPO has already started from the SFT model of the old length"
+    elif not done and schedule == "cosine" and step > 0:
+        problem = f"the cosine learning-rate schedule of steps 1-{step} decayed towards {old} steps"
+    if problem:
+        raise ValueError(f"{key} changed from {old} to {new}, but {problem}: that is another run; keep "
+                         f"{key}={old} to resume, or choose another output directory")
 

@@ -11,11 +11,12 @@ A checkpoint root holds complete step directories and a ``latest`` pointer::
         optimizer.json            everything else (param_groups, python-number state), tensors by key
         rng.safetensors           torch global CPU (and CUDA) states, named generators, as uint8
         rng.json                  python ``random`` and numpy states
-        trainer_state.json        step, extra, and the size of every other file (written last)
+        trainer_state.json        step, extra, the size and XXH3-128 digest of every other file (written last)
 
 A step directory only ever gets its name by ``os.rename`` of a fully written and fsynced temporary
 sibling, and ``latest`` is replaced the same way, so a crash at any point leaves ``latest`` naming a
-complete checkpoint. Leftover temporaries are removed by the next save.
+complete checkpoint. Leftover temporaries are removed by the next save. Loading checks every file's
+size and digest, so a truncated or damaged file is an error naming it, never silently loaded.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import torch
+import xxhash
 from loguru import logger
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -210,6 +212,15 @@ def _manifest(directory: Path) -> dict[str, int]:
     """Size of every file below ``directory``: trainer_state.json records it to detect truncation."""
     return {f.relative_to(directory).as_posix(): f.stat().st_size
             for f in sorted(directory.rglob("*")) if f.is_file() and f.name != TRAINER_STATE_FILE}
+
+
+def _digest(file: Path) -> str:
+    """XXH3-128 of a file's bytes (read in chunks): detects damage that keeps the size, e.g. flipped bytes."""
+    h = xxhash.xxh3_128()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,8 +447,10 @@ def save_training_state(
         _write_json({"python": rng["python"], "numpy": rng["numpy"], "cuda_devices": len(rng["cuda"]),
                      "generators": sorted(rng["generators"])}, tmp / RNG_JSON)
         # Written last: its presence with a matching manifest means every other file is whole.
+        files = _manifest(tmp)
         _write_json({"format": FORMAT_VERSION, "step": step, "model_layout": layout, "extra": extra,
-                     "files": _manifest(tmp)}, tmp / TRAINER_STATE_FILE)
+                     "files": files, "digests": {rel: _digest(tmp / rel) for rel in files}},
+                    tmp / TRAINER_STATE_FILE)
         _fsync(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -454,14 +467,30 @@ def save_training_state(
 
 
 def latest_step_dir(path: str | os.PathLike[str]) -> Path | None:
-    """The step directory ``path/latest`` names, or None when ``path`` holds no checkpoint yet."""
+    """The step directory ``path/latest`` names, or None when ``path`` holds no checkpoint yet.
+
+    Without ``latest`` (a crash between a first save's rename and its pointer, or a hand-deleted file)
+    the newest complete ``step-N`` is the latest: step directories only get their name when whole.
+    """
     root = Path(path)
     name = _read_latest(root)
     if name is None:
-        return None
+        dirs = {s: d for s, d in _step_dirs(root).items() if (d / TRAINER_STATE_FILE).is_file()}
+        if not dirs:
+            return None
+        logger.warning("{} is missing; using the newest checkpoint there, {}", root / LATEST_FILE, dirs[max(dirs)].name)
+        return dirs[max(dirs)]
     if not _STEP_DIR.match(name):
         raise CheckpointError(f"{root / LATEST_FILE} should name a step-<N> directory but holds {name!r}")
     if not (root / name).is_dir():
+        # A crash inside _install between its two renames, while re-saving the only checkpoint, leaves
+        # the complete old copy aside: put it back (the load's manifest check still vets every file).
+        for aside in sorted(root.glob(f".{name}.del-*")):
+            if (aside / TRAINER_STATE_FILE).is_file():
+                logger.warning("restoring {} from {}, left aside by an interrupted save", name, aside.name)
+                os.rename(aside, root / name)
+                _fsync(root)
+                return root / name
         raise CheckpointError(f"{root / LATEST_FILE} names {name}, which does not exist in {root}")
     return root / name
 
@@ -511,6 +540,11 @@ def load_training_state(
             raise CheckpointError(f"{file} is missing: the checkpoint is incomplete")
         if (found := file.stat().st_size) != size:
             raise CheckpointError(f"{file} is {found} bytes but was written with {size}: truncated or changed")
+    # Checkpoints written before digests were recorded have none; their sizes are still checked above.
+    for rel, digest in meta.get("digests", {}).items():
+        if _digest(directory / rel) != digest:
+            raise CheckpointError(f"{directory / rel} does not match the digest it was written with: "
+                                  "the file is damaged or was changed")
 
     weights = _read_model(directory, meta["model_layout"])
     try:
