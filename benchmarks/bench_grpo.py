@@ -42,13 +42,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from dsv4.core.batch import common_prefix  # noqa: E402
 from dsv4.core.config import ModelConfig  # noqa: E402
 from dsv4.core.interfaces import VerifySample  # noqa: E402
 from dsv4.core.plugins import get_registry  # noqa: E402
 from dsv4.engine.engine import Engine, EngineConfig  # noqa: E402
 from dsv4.engine.tokenizer import Tokenizer  # noqa: E402
 from dsv4.model import build_model, load_model, save_model  # noqa: E402
-from dsv4.rl.grpo import GRPOConfig, GRPOTrainer  # noqa: E402
+from dsv4.rl.grpo import GRPOConfig, GRPOTrainer, Rollout  # noqa: E402
 from dsv4.rl.policy import clone_model  # noqa: E402
 from dsv4.rl.recipe import ADDITION_MODEL  # noqa: E402
 from dsv4.rl.sft import SFTConfig, SFTTrainer  # noqa: E402
@@ -158,6 +159,75 @@ def summarize(times: list[float], cpu: list[float], rewards: list[float], tokens
     }
 
 
+# ---------------------------------------------------------------------------------------------- arithmetic floor
+# The engine prefills a common start of one generate() call once from this many tokens (engine._MIN_SHARED_START).
+ENGINE_SHARED_START = 16
+
+
+def step_rows(rollouts: list[Rollout]) -> dict[str, Any]:
+    """The rows (tokens) each forward of a dsv4 step computes, from that step's rollouts: the engine's prefill
+    (each distinct prompt once, a common start of >= 16 tokens once), its decode steps (a completion of L tokens
+    takes its first from the prefill and L - 1 decode rows), and the trainer's forward (the prompts' common start
+    once, each distinct prompt's rest once, each completion minus its last token)."""
+    prompts = list(dict.fromkeys(tuple(r.prompt_ids) for r in rollouts))
+    shared = common_prefix(prompts) if len(prompts) > 1 else 0
+    rest = sum(len(p) - shared for p in prompts)
+    lengths = [len(r.completion_ids) for r in rollouts]
+    decode = [sum(n > j for n in lengths) for j in range(1, max(lengths, default=0))]
+    return {"prefill": rest + (shared if shared >= ENGINE_SHARED_START else shared * len(prompts)),
+            "decode": decode,
+            "train": shared + rest + sum(n - 1 for n in lengths)}
+
+
+def trl_rows(prompt_lens: list[int], completion_lens: list[int]) -> dict[str, Any]:
+    """The rows TRL's step computes: generate() over the left-padded prompts (every row padded to the longest),
+    then decode steps of the whole batch until its longest completion ends; the loss forward over every padded
+    prompt + completion."""
+    b, p, c = len(prompt_lens), max(prompt_lens), max(completion_lens)
+    return {"prefill": b * p, "decode": [b] * (c - 1), "train": b * (p + c)}
+
+
+def _products(model: torch.nn.Module, rows: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of every weight product of a forward over ``rows`` tokens: each 2-D weight but the embedding
+    (a lookup) and the MTP block's, a routed expert's over its average share of the rows (rows * top-k /
+    experts)."""
+    cfg = model.config
+    routed = max(1, round(rows * cfg.num_experts_per_tok / cfg.n_routed_experts))
+    out = []
+    for name, w in model.named_parameters():
+        if w.dim() == 2 and not name.startswith(("embed.", "mtp.")):  # GRPO does not train the MTP block
+            out.append((routed if ".ffn.experts." in name else rows, w.shape[1], w.shape[0]))
+    return out
+
+
+def matmul_floor(model: torch.nn.Module, passes: list[tuple[int, bool]], repeats: int = 5) -> float:
+    """Seconds this machine takes for the weight products alone of ``passes`` ((rows, with backward) forwards):
+    one ``[M, K] x [K, N]`` product a weight forward, two more (input and weight gradients) backward, run
+    back to back on this machine's BLAS (torch.mm), best of ``repeats``. Nothing else a step needs (attention
+    scores, norms, mHC Sinkhorn, elementwise work, optimizer, sampling, the verifier) is counted, so no
+    implementation of the same token work can run a step faster on this machine."""
+    mats: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for rows, backward in passes:
+        for m, k, n in _products(model, rows):
+            mats.append((torch.randn(m, k), torch.randn(k, n)))
+            if backward:
+                mats += [(torch.randn(m, n), torch.randn(n, k)), (torch.randn(k, m), torch.randn(m, n))]
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first round warms up
+        t = time.perf_counter()
+        for a, b in mats:
+            torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def floor_seconds(model: torch.nn.Module, rows: dict[str, Any]) -> dict[str, float]:
+    """:func:`matmul_floor` of a step's rollout (prefill + decode steps) and training (forward + backward)."""
+    rollout = matmul_floor(model, [(rows["prefill"], False)] + [(b, False) for b in rows["decode"]])
+    train = matmul_floor(model, [(rows["train"], True)])
+    return {"rollout": rollout, "train": train, "step": rollout + train}
+
+
 # ---------------------------------------------------------------------------------------------- dsv4
 def run_dsv4(path: Path, problems: list[Problem], args: argparse.Namespace) -> dict[str, Any]:
     P, G, M = args.prompts, args.group_size, args.max_new_tokens
@@ -178,7 +248,15 @@ def run_dsv4(path: Path, problems: list[Problem], args: argparse.Namespace) -> d
                      lr=args.lr, kl_coef=0.0, clip_low=0.2, clip_high=0.28, loss_norm="token", grad_clip=1.0,
                      betas=(0.9, 0.99), weight_decay=0.0, dynamic_sampling=False,
                      routing_replay=args.routing_replay, share_prompt=args.share_prompt)
-    trainer = GRPOTrainer(policy, engine, verifier(), sample_problems, cfg, seed=args.seed)
+    steps_rollouts: list[list[Rollout]] = []
+
+    class Trainer(GRPOTrainer):  # keeps each step's rollouts, for the arithmetic floor
+        def rollouts(self, *a: Any, **k: Any) -> list[Rollout]:
+            out = super().rollouts(*a, **k)
+            steps_rollouts.append(out)
+            return out
+
+    trainer = Trainer(policy, engine, verifier(), sample_problems, cfg, seed=args.seed)
     setup = time.perf_counter() - t0
     times, cpu, rewards, tokens, rollout = [], [], [], [], []
     load0 = os.getloadavg()[0]
@@ -195,6 +273,9 @@ def run_dsv4(path: Path, problems: list[Problem], args: argparse.Namespace) -> d
         print(f"  dsv4 step {step}: {times[-1]:6.2f} s (rollout {m['rollout_seconds']:.2f} s)  "
               f"reward {m['reward_mean']:.3f}", flush=True)
     out = summarize(times, cpu, rewards, tokens, P * G)
+    floors = [floor_seconds(policy, step_rows(r)) for r in steps_rollouts[1:] or steps_rollouts]
+    out["floor_seconds"] = {k: statistics.median(f[k] for f in floors) for k in ("rollout", "train", "step")}
+    out["rows"] = step_rows(steps_rollouts[-1])
     out.update(setup_seconds=setup, rollout_seconds=[round(r, 3) for r in rollout],
                rollout_seconds_after_first=statistics.mean(rollout[1:]) if len(rollout) > 1 else None,
                loadavg_1min=[load0, os.getloadavg()[0]])
@@ -216,8 +297,13 @@ def run_trl(path: Path, problems: list[Problem], args: argparse.Namespace) -> di
     tokens: list[float] = []
     rollout: list[float] = []  # generate + reward seconds per step (dsv4's rollout_seconds covers the same)
 
+    hf_tok = hf_tokenizer(path)
+    steps_rows: list[dict[str, Any]] = []
+
     def reward(completions: list[str], answer: list[str], **kw: Any) -> list[float]:
         t = time.perf_counter()
+        steps_rows.append(trl_rows([len(ids) for ids in hf_tok(kw["prompts"])["input_ids"]],
+                                   [len(ids) for ids in kw["completion_ids"]]))
         samples = [VerifySample("", c, {"answer": a}) for c, a in zip(completions, answer, strict=True)]
         r = [float(x.reward) for x in asyncio.run(ver.verify(samples))]
         rollout[-1] += time.perf_counter() - t
@@ -286,6 +372,10 @@ def run_trl(path: Path, problems: list[Problem], args: argparse.Namespace) -> di
                            f"expected {args.steps}")
     cpu = [b - a for a, b in zip(clock.cpu, clock.cpu[1:], strict=False)]
     out = summarize(times, cpu, rewards, tokens, P * G)
+    shapes = load_model(path)
+    floors = [floor_seconds(shapes, r) for r in steps_rows[1:] or steps_rows]
+    out["floor_seconds"] = {k: statistics.median(f[k] for f in floors) for k in ("rollout", "train", "step")}
+    out["rows"] = steps_rows[-1]
     out.update(rollout_seconds=[round(r, 3) for r in rollout],
                rollout_seconds_after_first=statistics.mean(rollout[1:]) if len(rollout) > 1 else None,
                setup_seconds=setup, loadavg_1min=[clock.load0, os.getloadavg()[0]], bf16=bool(targs.bf16),
@@ -419,6 +509,21 @@ def main() -> None:
               f"dsv4/TRL = {_fmt(ratios.get('reward_per_second'), '.2f')}")
     elif "trl_error" in res:
         print("\nTRL could not run; dsv4 figures only (error above).")
+    print("\narithmetic floor (the weight products alone of the token rows each side computes, torch.mm back to "
+          "back; last step's rows):")
+    for name, side in (("dsv4", d), ("TRL", t)):
+        if side is None:
+            continue
+        fl, rows, step = side["floor_seconds"], side["rows"], side.get("median_step_seconds_after_first")
+        print(f"  {name:4s} prefill {rows['prefill']} rows, {len(rows['decode'])} decode steps of {sum(rows['decode'])} "
+              f"rows, training {rows['train']} rows forward + backward: rollout {fl['rollout'] * 1e3:.1f} ms + training "
+              f"{fl['train'] * 1e3:.1f} ms = {fl['step'] * 1e3:.1f} ms; median step {_fmt(step, '.3f')} s = "
+              f"{_fmt(step / fl['step'] if step else None, '.1f')}x its floor")
+    if t is not None and t.get("median_step_seconds_after_first"):
+        best = t["median_step_seconds_after_first"] / d["floor_seconds"]["step"]
+        res["best_reachable_ratio"] = best
+        print(f"TRL's median step / dsv4's floor = {best:.1f}: at most this much faster than TRL could any "
+              f"implementation of dsv4's token work be on this machine")
     for name, side in (("dsv4", d), ("TRL", t)):
         if side is not None:
             print(f"1-min load average (2 cores) {name}: {side['loadavg_1min'][0]:.1f} before, "
