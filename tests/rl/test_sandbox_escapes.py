@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import stat
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import pytest
 from dsv4.core.interfaces import VerifyResult, VerifySample
 from dsv4.rl.verifiers.code import CodeVerifier
 from dsv4.rl.verifiers.sandbox import run_sandboxed
+from dsv4.testing.net import CountingListener
 
 ADD_ASSERTS = {"assert_tests": ["assert add(1, 2) == 3", "assert 5 == add(2, 3)", "assert add(2, 2) in (4, 40)"]}
 ADD = "def add(a, b):\n    return a + b\n"
@@ -105,35 +104,6 @@ CORRECT_ASSERTS = {
 # --------------------------------------------------------------------------------------------------
 # One concurrent batch of everything
 # --------------------------------------------------------------------------------------------------
-class UnixListener:
-    """A unix-socket server, socket file writable by everyone, that counts connections."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.bind(path)
-        os.chmod(path, 0o777)
-        self.sock.listen()
-        self.sock.settimeout(0.1)
-        self.accepted = 0
-        self.stop = False
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.accepted += 1
-            conn.close()
-
-    def close(self) -> None:
-        self.stop = True
-        self.thread.join()
-        self.sock.close()
-
-
 def host_programs(secret_file: str, sock_path: str) -> dict[str, tuple[str, dict[str, Any]]]:
     contained = {"tests": [{"input": "", "output": "contained"}]}
     return {
@@ -216,7 +186,7 @@ def batch() -> Iterator[dict[str, Any]]:
     secret_file = os.path.join(host_dir, "answers.txt")
     Path(secret_file).write_text(SECRET)
     os.chmod(secret_file, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-    listener = UnixListener(os.path.join(host_dir, "service.sock"))
+    listener = CountingListener.unix(os.path.join(host_dir, "service.sock"))
     os.environ["DSV4_SECRET_API_KEY"] = "sk-do-not-leak"
     hosts = host_programs(secret_file, os.path.join(host_dir, "service.sock"))
     good = VerifySample("q", fenced("a, b = map(int, input().split())\nprint(a + b)"),

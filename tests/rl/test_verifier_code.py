@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import pytest
 from dsv4.core.interfaces import VerifyResult, VerifySample
 from dsv4.rl.verifiers.code import CodeVerifier, extract_code, reference_tests
 from dsv4.rl.verifiers.sandbox import run_sandboxed
+from dsv4.testing.net import CountingListener
 
 REPO = Path(__file__).resolve().parents[2]
 ADD = {"tests": [{"input": "1 2\n", "output": "3\n"}, {"input": "20 22\n", "output": "42\n"},
@@ -185,38 +185,9 @@ HOSTILE = {
 }
 
 
-class Listener:
-    """A TCP server on the host's loopback that records every connection it accepts."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen()
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self.stop = False
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.accepted += 1
-            conn.close()
-
-    def close(self) -> None:
-        self.stop = True
-        self.thread.join()
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def hostile_results() -> Iterator[dict[tuple[str, bool], Any]]:
-    listener = Listener()
+    listener = CountingListener.tcp()
     # The host itself can reach the listener: the sandbox's failure to is the sandbox's doing.
     socket.create_connection(("127.0.0.1", listener.port), timeout=1).close()
     time.sleep(0.3)

@@ -34,6 +34,7 @@ __all__ = [
     "plot_curves",
     "plot_runs",
     "read_metrics",
+    "replace_atomically",
 ]
 
 # What plot_curves draws by default: the RL health signals, each only if the log has it.
@@ -79,7 +80,9 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return _parse_lines(Path(path))
 
 
-def _replace_atomically(path: Path, data: bytes) -> None:
+def replace_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically: a crash or a full disk leaves the old content, never a
+    torn file."""
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "wb") as f:
@@ -109,7 +112,7 @@ class MetricsLog:
         if resume_step is not None:
             kept = [r for r in _parse_lines(self.path) if r["step"] <= resume_step] if exists else []
             # Rewrite even when nothing is dropped: it also removes a torn last line.
-            _replace_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+            replace_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
             self.last_step = kept[-1]["step"] if kept else None
         elif exists and not overwrite:
             raise FileExistsError(f"{self.path} already holds metrics; pass resume_step=<checkpoint step> to "
@@ -171,7 +174,7 @@ def _save_png(fig: Figure, png_path: str | os.PathLike[str]) -> Path:
     buf = io.BytesIO()
     FigureCanvasAgg(fig)  # attach the Agg canvas explicitly: no pyplot, no display, no global backend
     fig.savefig(buf, format="png", dpi=100)
-    _replace_atomically(path, buf.getvalue())
+    replace_atomically(path, buf.getvalue())
     return path
 
 

@@ -10,7 +10,6 @@ other settings is refused before anything in it is written (see :func:`_check_ou
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from dsv4.engine.tokenizer import Tokenizer
 from dsv4.model import Transformer, build_model, load_model, save_model
 from dsv4.rl.dataset import DataConfig, Dataset, EpochSampler
 from dsv4.rl.grpo import GRPOConfig, GRPOTrainer, greedy_accuracy
-from dsv4.rl.monitor import MetricBands, MetricsLog, plot_curves
+from dsv4.rl.monitor import MetricBands, MetricsLog, plot_curves, replace_atomically
 from dsv4.rl.policy import clone_model, sync_weights
 from dsv4.rl.sft import SFTConfig, SFTTrainer
 from dsv4.rl.state import (
@@ -139,7 +138,7 @@ def run_recipe(config: TrainConfig) -> dict[str, Any]:
     out = Path(config.output_dir)
     _check_output(config, out)  # before anything in `out` is written
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "config.json", config.model_dump_json(indent=2))
+    replace_atomically(out / "config.json", config.model_dump_json(indent=2).encode())
     torch.manual_seed(config.seed)
     tok_dir = out / "tokenizer"
     tokenizer = _tokenizer(tok_dir) if config.task == "addition" else _copy_tokenizer(config, tok_dir)
@@ -220,7 +219,7 @@ def run_recipe(config: TrainConfig) -> dict[str, Any]:
         shutil.copy2(f, final / f.name)
     if config.export_dir:
         _export(final, Path(config.export_dir))
-    _write_text(out / "summary.json", json.dumps(summary, indent=2))
+    replace_atomically(out / "summary.json", json.dumps(summary, indent=2).encode())
     logger.info("recipe done: {}", summary)
     return summary
 
@@ -391,20 +390,6 @@ def _export(final: Path, target: Path) -> None:
         shutil.rmtree(aside)
     else:
         tmp.rename(target)
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Replace ``path`` atomically: a crash or a full disk leaves the old content, never a torn file."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # -------------------------------------------------------------------------------------------- resume checks
