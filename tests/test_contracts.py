@@ -25,6 +25,11 @@ def test_kv_pool_contract(name: str) -> None:
     contracts.check_kv_pool(REG.get("kv_pool", name))
 
 
+@pytest.mark.parametrize("name", REG.names("scheduler"))
+def test_scheduler_contract(name: str) -> None:
+    contracts.check_scheduler(REG.get("scheduler", name))
+
+
 def _verifier_cases() -> dict[str, tuple[dict[str, object], list[tuple[object, float]]]]:
     """Options and known (sample, reward) cases per built-in verifier; others run with {} and none."""
     from dsv4.core.interfaces import VerifySample as S
@@ -47,3 +52,8 @@ def _verifier_cases() -> dict[str, tuple[dict[str, object], list[tuple[object, f
 def test_verifier_contract(name: str) -> None:
     options, cases = _verifier_cases().get(name, ({}, []))
     contracts.check_verifier(REG.get("verifier", name), options, cases=cases)
+
+
+@pytest.mark.parametrize("name", REG.names("kernel_set"))
+def test_kernel_set_contract(name: str) -> None:
+    contracts.check_kernel_set(REG.get("kernel_set", name))

@@ -54,3 +54,12 @@ def register_schedulers() -> list[type[Any]]:
     from dsv4.engine.scheduler import FCFSScheduler
 
     return [FCFSScheduler]
+
+
+@hookimpl
+def register_kernel_sets() -> list[type[Any]]:
+    """PyTorch (``"reference"``), batch-invariant PyTorch (``"batch_invariant"``) and native CPU
+    inference (``"cpu"``) kernel sets."""
+    from dsv4.kernels import BatchInvariantKernels, CpuKernels, ReferenceKernels
+
+    return [ReferenceKernels, BatchInvariantKernels, CpuKernels]

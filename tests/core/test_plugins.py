@@ -133,6 +133,27 @@ def test_missing_protocol_method_is_named() -> None:
         registry_of(fake_plugin("a", register_attention_backends=[no_plan]))
 
 
+class SchedulerWithoutFinish:
+    """Written from the Scheduler Protocol, but without ``finish`` (which the engine calls)."""
+
+    name: ClassVar[str] = "no-finish"
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def refuse(cls, options: Any) -> str | None:
+        return None
+
+    def add(self, seq: Any) -> None: ...
+    def schedule(self) -> Any: ...
+    def abort(self, request_id: str) -> list[Any]: ...
+    def has_work(self) -> bool: ...
+
+
+def test_every_method_the_engine_calls_is_required() -> None:
+    with pytest.raises(PluginError, match=r"invalid scheduler .*: missing Scheduler method\(s\): finish$"):
+        registry_of(fake_plugin("a", register_schedulers=[SchedulerWithoutFinish]))
+
+
 @pytest.mark.parametrize(
     ("attrs", "problem"),
     [
@@ -302,6 +323,7 @@ def test_builtins_registered() -> None:
         "expert_executor": ["reference", "grouped", "cpu"],
         "verifier": ["exact", "numeric", "math", "regex", "format", "code"],
         "scheduler": ["fcfs"],
+        "kernel_set": ["reference", "batch_invariant", "cpu"],
     }
     [info] = registry.describe()
     assert (info.name, info.distribution) == ("builtin", "dsv4")
@@ -388,7 +410,8 @@ def test_installed_plugin_is_listed(sample_site: Path) -> None:
         "name": "sample",
         "distribution": "dsv4-sample-plugin",
         "version": "0.1.0",
-        "provides": {"attention_backend": ["sample"], "expert_executor": ["sample-experts"]},
+        "provides": {"attention_backend": ["sample"], "expert_executor": ["sample-experts"],
+                     "kernel_set": ["sample-kernels"]},
     }
 
 
@@ -404,3 +427,24 @@ def test_installed_plugin_is_selected_by_name(sample_site: Path) -> None:
         "print(cls.__module__, cls.__name__)"
     )
     assert run_python(sample_site, "-c", code) == "dsv4_sample_plugin SampleAttentionBackend\n"
+
+
+def test_installed_kernel_set_passes_the_contract_and_serves(sample_site: Path) -> None:
+    code = (
+        "import torch, dsv4\n"
+        "from dsv4.core.config import ModelConfig\n"
+        "from dsv4.core.plugins import get_registry\n"
+        "from dsv4.testing.contracts import check_kernel_set\n"
+        "from dsv4.testing.models import random_model\n"
+        "check_kernel_set(get_registry().get('kernel_set', 'sample-kernels'))\n"
+        "model = random_model(ModelConfig.tiny(), seed=0)\n"
+        "engine = dsv4.Engine(random_model(ModelConfig.tiny(), seed=0), kernels='sample-kernels')\n"
+        "print(engine.model.kernels.names())\n"
+        "params = dsv4.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)\n"
+        "got = engine.generate([[3, 4, 5, 6]], params)[0].outputs[0].token_ids\n"
+        "from dsv4.testing.models import greedy_reference\n"
+        "print(got == greedy_reference(model, [3, 4, 5, 6], 6))\n"
+    )
+    names, same = run_python(sample_site, "-c", code).splitlines()
+    assert names == "{'autograd': 'reference', 'inference': 'sample-kernels', 'batch_invariant': 'batch_invariant'}"
+    assert same == "True"

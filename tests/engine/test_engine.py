@@ -10,7 +10,8 @@ import torch
 
 from dsv4 import Engine, SamplingParams
 from dsv4.model import Transformer
-from dsv4.model.packed import mkl_packing_available
+from dsv4.kernels import CpuKernels
+from dsv4.kernels.packed import mkl_packing_available
 from dsv4.rl.policy import sync_weights
 from dsv4.testing.models import greedy_reference, random_model
 
@@ -54,7 +55,8 @@ def test_greedy_batched_equals_full_recompute(model_dir: Path, ref_model: Transf
         assert out.outputs[0].finish_reason == "length"
     if "kv_cache_tokens" in options:
         assert engine.stats["preemptions"] > 0
-    assert all(engine.pool.pages_used(s) == 0 for s in engine.pool.streams)  # type: ignore[attr-defined]
+    assert sum(out.metrics.num_preemptions for out in outs) == engine.stats["preemptions"]
+    assert all(engine.pool.pages_used(s) == 0 for s in engine.pool.streams)
 
 
 def test_logprobs_match_plain_forward(model_dir: Path, ref_model: Transformer) -> None:
@@ -142,6 +144,10 @@ def test_clear_errors(model_dir: Path) -> None:
         engine.generate([[]])
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+    unchunked = Engine(model_dir, max_model_len=32, chunked_prefill=False, max_num_batched_tokens=8)
+    with pytest.raises(ValueError, match="chunked_prefill off"):  # it could never be scheduled
+        unchunked.generate([list(range(2, 12))])
+    assert not unchunked.has_unfinished()
     # nothing was left behind by the refused requests
     assert not engine.has_unfinished()
     out = engine.generate([[3, 4]], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0].outputs[0]
@@ -158,7 +164,7 @@ def test_abort_frees_pages(model_dir: Path) -> None:
     assert final is not None and final.outputs[0].finish_reason == "abort"
     while engine.has_unfinished():
         engine.step()
-    assert all(engine.pool.pages_used(s) == 0 for s in engine.pool.streams)  # type: ignore[attr-defined]
+    assert all(engine.pool.pages_used(s) == 0 for s in engine.pool.streams)
     assert engine.abort("a") is None
 
 
@@ -173,7 +179,7 @@ def test_kv_stats_are_exact(model_dir: Path) -> None:
     context = sum(s.num_computed for r in engine.requests.values() for s in r.seqs)
     assert stats["total"]["context_tokens"] == context == 39
     held = 0
-    for name, spec in pool.streams.items():  # type: ignore[attr-defined]
+    for name, spec in pool.streams.items():
         pages = sum(len(p) for p in pool.owners(name).values())  # type: ignore[attr-defined]
         nbytes = pages * pool.page_size * spec.width * 4 * len(spec.layers)  # type: ignore[attr-defined]
         assert stats[name]["bytes"] == nbytes
@@ -182,10 +188,16 @@ def test_kv_stats_are_exact(model_dir: Path) -> None:
 
 
 def test_packed_weights_option(model_dir: Path, ref_model: Transformer) -> None:
-    assert (Engine(model_dir).model.head.packed is not None) == mkl_packing_available()
-    assert Engine(model_dir, packed_weights=False).model.head.packed is None
+    def packs(engine: Engine) -> bool:
+        engine.generate([[1, 2, 3, 4, 5]] * 4, SamplingParams(max_tokens=2))  # a 4-row decode: packing range
+        return "mkl_packed" in engine.model.head.cache
+
+    default = Engine(model_dir)
+    assert isinstance(default.model.kernels.inference, CpuKernels)
+    assert packs(default) == mkl_packing_available()
+    assert not packs(Engine(model_dir, packed_weights=False))
     invariant = Engine(model_dir, batch_invariant=True, expert_executor="reference")
-    assert invariant.model.head.packed is None  # exact arithmetic kept
+    assert not packs(invariant)  # exact arithmetic kept
     # packed or not, the same greedy tokens as the plain model
     prompts = _prompts(6, seed=9)
     outs = Engine(model_dir, packed_weights=False).generate(prompts, SamplingParams(temperature=0, max_tokens=8))
@@ -214,7 +226,7 @@ def test_engine_serves_synced_weights_not_stale_packed_copies(model_dir: Path) -
 def _samples(model_dir: Path, share: bool, prompts: list[list[int]], params: SamplingParams, **options: object):
     engine = Engine(model_dir, share_prompt=share, **options)
     outs = engine.generate(prompts, params)
-    assert all(engine.pool.pages_used(s) == 0 for s in engine.pool.streams)  # type: ignore[attr-defined]
+    assert all(engine.pool.pages_used(s) == 0 for s in engine.pool.streams)
     return engine, outs
 
 
@@ -278,7 +290,7 @@ def test_abort_before_the_shared_prompt_is_prefilled(model_dir: Path) -> None:
     while engine.has_unfinished():
         outs += engine.step()
     assert [len(o.token_ids) for o in outs[-1].outputs] == [3, 3]
-    assert all(engine.pool.pages_used(s) == 0 for s in engine.pool.streams)  # type: ignore[attr-defined]
+    assert all(engine.pool.pages_used(s) == 0 for s in engine.pool.streams)
 
 
 def test_samples_that_find_no_pages_prefill_themselves(model_dir: Path) -> None:
@@ -351,7 +363,7 @@ def test_short_common_starts_and_aborted_waiters(model_dir: Path) -> None:
     engine.step = step_then_abort  # type: ignore[method-assign]
     assert list(engine.iter_generate(_with_common_start(2, seed=42), SamplingParams(max_tokens=3))) == []
     assert not engine.scheduler.has_work() and not engine._starts
-    assert all(engine.pool.pages_used(s) == 0 for s in engine.pool.streams)  # type: ignore[attr-defined]
+    assert all(engine.pool.pages_used(s) == 0 for s in engine.pool.streams)
 
 
 def test_generate_queues_nothing_when_one_prompt_is_bad(model_dir: Path) -> None:

@@ -1,6 +1,6 @@
-"""Inference-only fast paths (MKL-packed linears, in-place Sinkhorn, fused mHC products, attention
-over unconcatenated parts) agree with the training arithmetic, and stay out of training and
-batch-invariant mode."""
+"""Inference-only fast paths (MKL-packed linears of the ``cpu`` kernel set, in-place Sinkhorn, fused mHC
+products, attention over unconcatenated parts) agree with the training arithmetic, and stay out of
+training and batch-invariant mode."""
 
 from __future__ import annotations
 
@@ -9,13 +9,22 @@ import torch
 
 from dsv4.attention import ops
 from dsv4.core.config import ModelConfig
+from dsv4.kernels import CpuKernels, ReferenceKernels
+from dsv4.kernels.mhc import hc_post, hc_pre
+from dsv4.kernels.packed import MAX_PACKED_ROWS, MIN_PACKED_ROWS, PackedWeight, mkl_packing_available
 from dsv4.model.fused import FusedProjection
 from dsv4.model.linear import Linear
-from dsv4.model.mhc import hc_post, hc_pre
-from dsv4.model.packed import MAX_PACKED_ROWS, MIN_PACKED_ROWS, PackedWeight, mkl_packing_available
 from dsv4.testing.models import random_model
 
 needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="this torch build has no MKL")
+PACKED = CpuKernels(mode="inference", options={"native_kernels": False})  # MKL packing only
+PLAIN = ReferenceKernels(mode="inference")
+
+
+def _packing(layer: Linear | FusedProjection) -> PackedWeight | None:
+    packed = layer.cache.get("mkl_packed")
+    assert packed is None or isinstance(packed, PackedWeight)
+    return packed
 
 
 def _linear(n_in: int, n_out: int, seed: int = 0) -> Linear:
@@ -31,15 +40,14 @@ def test_packed_linear_matches_plain(rows: int, shape: tuple[int, int]) -> None:
     lin = _linear(*shape)
     x = torch.randn(rows, shape[0], generator=torch.Generator().manual_seed(rows))
     with torch.no_grad():
-        plain = lin(x)
-        lin.packed = PackedWeight(lambda: lin.weight)
-        packed = lin(x)
-        packed_3d = lin(x.view(1, rows, -1))
+        plain = lin(x, PLAIN)
+        packed = lin(x, PACKED)
+        packed_3d = lin(x.view(1, rows, -1), PACKED)
     if MIN_PACKED_ROWS <= rows <= MAX_PACKED_ROWS:
-        assert lin.packed._packed is not None, "the packed path was not taken"
+        assert _packing(lin) is not None, "the packed path was not taken"
         torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
     else:
-        assert lin.packed._packed is None, "rows outside the packed range must use the plain product"
+        assert _packing(lin) is None, "rows outside the packed range must use the plain product"
         assert torch.equal(packed, plain)
     torch.testing.assert_close(packed_3d.view(rows, -1), packed, rtol=0, atol=0)
 
@@ -47,28 +55,26 @@ def test_packed_linear_matches_plain(rows: int, shape: tuple[int, int]) -> None:
 @needs_mkl
 def test_packed_weight_follows_weight_updates() -> None:
     lin = _linear(64, 32)
-    lin.packed = PackedWeight(lambda: lin.weight)
     x = torch.randn(8, 64)
     with torch.no_grad():
-        first = lin(x)
+        first = lin(x, PACKED)
         lin.weight.mul_(-2.0)  # in place, like an optimizer step or a weight sync
-        torch.testing.assert_close(lin(x), -2.0 * first, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lin(x, PACKED), -2.0 * first, rtol=1e-5, atol=1e-5)
         lin.weight.data = torch.randn(32, 64)  # swapped storage
-        torch.testing.assert_close(lin(x), x @ lin.weight.t(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lin(x, PACKED), x @ lin.weight.t(), rtol=1e-5, atol=1e-5)
     lin.weight = torch.nn.Parameter(torch.randn(32, 64))  # a new Parameter object
     with torch.no_grad():
-        torch.testing.assert_close(lin(x), x @ lin.weight.t(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lin(x, PACKED), x @ lin.weight.t(), rtol=1e-5, atol=1e-5)
 
 
 @needs_mkl
 def test_packed_fused_projection_follows_member_updates() -> None:
     a, b = _linear(64, 16, seed=1), _linear(64, 24, seed=2)
     fused = FusedProjection([a, b])
-    fused.packed = PackedWeight(fused.weight)
     x = torch.randn(8, 64)
     for _ in range(3):  # repeated updates: a stale packing must never be served
         with torch.inference_mode():
-            ya, yb = fused(x)
+            ya, yb = fused(x, PACKED)
             torch.testing.assert_close(ya, x @ a.weight.t(), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(yb, x @ b.weight.t(), rtol=1e-5, atol=1e-5)
         with torch.no_grad():
@@ -78,10 +84,9 @@ def test_packed_fused_projection_follows_member_updates() -> None:
 @needs_mkl
 def test_packed_path_never_runs_under_autograd() -> None:
     lin = _linear(64, 32)
-    lin.packed = PackedWeight(lambda: lin.weight)
     x = torch.randn(8, 64)
-    y = lin(x)
-    assert lin.packed._packed is None
+    y = lin(x, PACKED)  # grad mode on: the kernel set takes the plain product
+    assert _packing(lin) is None
     y.sum().backward()
     assert lin.weight.grad is not None
 
@@ -93,9 +98,10 @@ def test_model_packing_is_off_in_batch_invariant_mode() -> None:
     model.set_batch_invariant(True, max_context=32)
     with torch.no_grad():
         before = model(ids)
-        assert model.pack_weights()
+        model.kernels.inference = PACKED  # what an engine's "auto" would choose for inference steps
         after = model(ids)
     assert torch.equal(before, after), "invariant mode must keep its exact arithmetic"
+    assert not any(_packing(m) for m in model.modules() if isinstance(m, Linear))
     model.set_batch_invariant(False)
     with torch.no_grad():
         plain_forward = model(ids)
@@ -120,8 +126,8 @@ def test_inference_mhc_equals_training_mhc(t: int) -> None:
     f = torch.randn(t, h.shape[-1])
     out_t = hc_post(f, h, post_t, comb_t)
     with torch.no_grad():
-        x_i, post_i, comb_i = hc_pre(h, fn, base, scale, **kw)  # type: ignore[arg-type]
-        out_i = hc_post(f, h, post_i, comb_i)
+        x_i, post_i, comb_i = hc_pre(h, fn, base, scale, **kw, inference=True)  # type: ignore[arg-type]
+        out_i = hc_post(f, h, post_i, comb_i, inference=True)
     assert torch.equal(comb_i, comb_t.detach()), "the in-place Sinkhorn must be the same arithmetic"
     assert torch.equal(post_i, post_t.detach())
     torch.testing.assert_close(x_i, x_t.detach(), rtol=1e-6, atol=1e-6)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dsv4.core.config import ModelConfig
-from dsv4.model import mhc
+from dsv4.kernels import mhc
 from dsv4.native import available, kernels
 from dsv4.testing.models import random_model
 
@@ -84,7 +84,7 @@ def test_the_first_call_may_come_under_inference_mode() -> None:
     """The once-per-process check runs its own autograd whatever mode its first caller is in."""
     code = textwrap.dedent("""
         import torch
-        from dsv4.model import mhc
+        from dsv4.kernels import mhc
         with torch.inference_mode():
             c = torch.softmax(torch.randn(3, 4, 4), -1) + 1e-6
             mhc.sinkhorn(c, 20, 1e-6)

@@ -17,7 +17,7 @@ from dsv4.attention import ops
 from dsv4.attention.cpu import CpuAttentionBackend
 from dsv4.attention.reference import ReferenceAttentionBackend
 from dsv4.core.config import ModelConfig
-from dsv4.model.mhc import hc_post, hc_pre
+from dsv4.kernels import CpuKernels, ReferenceKernels
 from dsv4.native import kernels
 from dsv4.testing.contracts import check_attention_backend
 from dsv4.testing.models import random_model
@@ -100,26 +100,28 @@ def test_hc_pre_post_match_pytorch(n: int, expanded: bool) -> None:
     h, fn, base, scale = _mhc_inputs(7, n, 48, n, expanded)  # D = 48: three 16-wide vectors
     kw = dict(rms_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=20)
     f = torch.randn(7, 48)
+    plain, fast = ReferenceKernels(mode="inference"), CpuKernels()
     with torch.no_grad():
-        want = hc_pre(h, fn, base, scale, **kw)
-        got = hc_pre(h, fn, base, scale, **kw, native=True)
+        want = plain.hc_pre(h, fn, base, scale, **kw)
+        got = fast.hc_pre(h, fn, base, scale, **kw)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(hc_post(f, h, want[1], want[2], native=True), hc_post(f, h, want[1], want[2]),
+        torch.testing.assert_close(fast.hc_post(f, h, want[1], want[2]), plain.hc_post(f, h, want[1], want[2]),
                                    rtol=1e-5, atol=1e-6)
 
 
-def test_native_paths_stay_out_of_autograd_and_invariant_mode() -> None:
+def test_native_kernels_serve_inference_only() -> None:
+    cfg = ModelConfig.tiny()
+    assert CpuKernels.refuse(cfg, torch.device("cpu"), "inference") is None
+    for mode in ("autograd", "batch_invariant"):
+        assert "inference" in str(CpuKernels.refuse(cfg, torch.device("cpu"), mode))  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="cpu"):
+            CpuKernels(cfg, "cpu", mode)  # type: ignore[arg-type]
+    assert "CPU only" in str(CpuKernels.refuse(cfg, torch.device("meta"), "inference"))
     h, fn, base, scale = _mhc_inputs(5, 4, 32, 0, False)
-    kw = dict(rms_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=20)
     fn.requires_grad_(True)
-    x, post, comb = hc_pre(h, fn, base, scale, **kw, native=True)  # grad enabled: the PyTorch path
-    assert x.requires_grad and comb.requires_grad
-    with torch.no_grad():
-        plain = hc_pre(h, fn, base, scale, **kw, invariant=True)
-        asked = hc_pre(h, fn, base, scale, **kw, invariant=True, native=True)
-    for a, b in zip(plain, asked, strict=True):
-        assert torch.equal(a, b)
+    x, _, comb = CpuKernels().hc_pre(h, fn, base, scale, rms_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=20)
+    assert x.requires_grad and comb.requires_grad  # called with autograd on anyway: the PyTorch path
 
 
 def test_cpu_backend_meets_the_attention_contract() -> None:
@@ -135,7 +137,7 @@ def test_native_model_matches_reference_on_a_paged_decode() -> None:
     ref = random_model(cfg, seed=3)
     fast = random_model(cfg, seed=3)
     fast.attn_backend = CpuAttentionBackend(cfg, "cpu")
-    assert fast.use_native_kernels()
+    fast.kernels.inference = CpuKernels(cfg)
     ids = torch.randint(0, cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
     pools = [PagedKVPool.for_capacity(m.attn_backend.kv_streams(), 160, 3, page_size=4) for m in (ref, fast)]
     pos = 0
@@ -177,12 +179,12 @@ def test_a_failing_compiler_falls_back_with_its_reason(tmp_path: Path) -> None:
     out = _run("""
         import torch
         from dsv4 import native
-        from dsv4.model.mhc import hc_pre
+        from dsv4.kernels import CpuKernels
         print(native.available())
         print(native.unavailable_reason())
         h = torch.randn(3, 2, 16); fn = torch.randn(8, 32); base = torch.zeros(8); scale = torch.ones(3)
-        with torch.no_grad():  # the model code takes its PyTorch path
-            x, _, _ = hc_pre(h, fn, base, scale, rms_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=3, native=True)
+        with torch.no_grad():  # the kernel set takes its PyTorch path
+            x, _, _ = CpuKernels().hc_pre(h, fn, base, scale, rms_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=3)
         print(tuple(x.shape))
     """, CC=str(fake), DSV4_CACHE_DIR=str(tmp_path / "cache"))
     lines = out.splitlines()
@@ -215,12 +217,13 @@ def test_rms_norm_matches_pytorch() -> None:
         kernels.rms_norm(x, w[:5], 1e-6)
 
 
-def test_use_native_kernels_is_off_in_batch_invariant_mode() -> None:
-    model = random_model(ModelConfig.tiny(), seed=0)
-    assert model.use_native_kernels()
-    model.set_batch_invariant(True, max_context=64)
-    assert not any(getattr(m, "native", False) for m in model.modules())
-    assert not model.use_native_kernels()
+def test_native_kernels_are_off_in_batch_invariant_mode() -> None:
+    model = random_model(ModelConfig.tiny(), seed=0, kernels="auto")
+    assert model.kernels.names() == {"autograd": "reference", "inference": "cpu", "batch_invariant": "batch_invariant"}
+    with torch.no_grad():
+        assert model.kernels.for_step().name == "cpu"
+        model.set_batch_invariant(True, max_context=64)
+        assert model.kernels.for_step().name == "batch_invariant"
 
 
 def _experts(cfg: ModelConfig, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -242,9 +245,10 @@ def test_cpu_executor_matches_reference(tokens: int, k: int, limit: float) -> No
     w = torch.rand(tokens, k, generator=g)
     executor = CpuExpertExecutor(cfg)
     with torch.no_grad():
-        want = ReferenceExpertExecutor(cfg).forward(experts, x, idx, w, limit)
-        got = executor.forward(experts, x, idx, w, limit)
-        again = executor.forward(experts, x, idx, w, limit)
+        inference = ReferenceKernels(cfg, "cpu", "inference")
+        want = ReferenceExpertExecutor(cfg).forward(experts, x, idx, w, limit, inference)
+        got = executor.forward(experts, x, idx, w, limit, inference)
+        again = executor.forward(experts, x, idx, w, limit, inference)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # outputs of magnitude ~10-100
     assert torch.equal(got, again)  # deterministic whatever the thread schedule
 
@@ -260,14 +264,15 @@ def test_cpu_executor_follows_weight_updates() -> None:
     idx[:, 1:] = 1
     w = torch.ones(6, cfg.num_experts_per_tok)
     executor = CpuExpertExecutor(cfg)
+    ks = ReferenceKernels(cfg, "cpu", "inference")
     with torch.no_grad():
         lim = cfg.swiglu_limit
-        before = executor.forward(experts, x, idx, w, lim)
+        before = executor.forward(experts, x, idx, w, lim, ks)
         experts[0].w2.weight.mul_(2.0)  # an optimizer step / weight sync, in place
-        after = executor.forward(experts, x, idx, w, lim)
+        after = executor.forward(experts, x, idx, w, lim, ks)
         experts[1].w1.weight = torch.nn.Parameter(experts[1].w1.weight * -1)  # a replaced Parameter
-        replaced = executor.forward(experts, x, idx, w, lim)
-        want = ReferenceExpertExecutor(cfg).forward(experts, x, idx, w, lim)
+        replaced = executor.forward(experts, x, idx, w, lim, ks)
+        want = ReferenceExpertExecutor(cfg).forward(experts, x, idx, w, lim, ks)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(replaced, want, rtol=1e-4, atol=1e-4)
 
@@ -279,7 +284,8 @@ def test_cpu_executor_leaves_training_to_the_reference_loop() -> None:
     experts = _experts(cfg)
     x = torch.randn(4, cfg.hidden_size, requires_grad=True)
     idx = torch.zeros(4, cfg.num_experts_per_tok, dtype=torch.long)
-    out = CpuExpertExecutor(cfg).forward(experts, x, idx, torch.ones(4, cfg.num_experts_per_tok), 0.0)
+    out = CpuExpertExecutor(cfg).forward(experts, x, idx, torch.ones(4, cfg.num_experts_per_tok), 0.0,
+                                         ReferenceKernels(cfg, "cpu", "autograd"))
     out.sum().backward()
     assert x.grad is not None and experts[0].w1.weight.grad is not None
 
@@ -313,7 +319,7 @@ def test_rope_matches_pytorch(inverse: bool, shape: tuple[int, ...]) -> None:
     cis = rope_cis(torch.arange(100, 100 + shape[0]) * 37, rope_inv_freq(16, 10000.0, None))
     with torch.no_grad():
         want = apply_rope(x, cis, inverse=inverse)
-        got = apply_rope(x, cis, inverse=inverse, native=True)
+        got = CpuKernels().rope(x, cis, inverse=inverse)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert got.data_ptr() != x.data_ptr()  # a copy, as the PyTorch path
 
@@ -337,7 +343,8 @@ def test_compress_entries_matches_pytorch(overlap: bool) -> None:
     positions = torch.arange(6) * m
     with torch.no_grad():
         want = ops.compress_entries(rows[slots.clamp(max=49)], valid, ape=ape, norm_weight=norm, eps=1e-6,
-                                    positions=positions, inv_freq=inv_freq, overlap=overlap)
+                                    positions=positions, inv_freq=inv_freq, overlap=overlap,
+                                    kernels=ReferenceKernels(mode="inference"))
         got = kernels.compress_entries(rows, slots, valid, ape=ape, norm_weight=norm, eps=1e-6,
                                        cis=rope_cis(positions, inv_freq), overlap=overlap)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -379,10 +386,8 @@ def test_moe_gate_matches_pytorch(score_func: str, hashed: bool) -> None:
     replay[::3] = torch.tensor([7, 0, 5])
     for imposed in (None, replay):
         with torch.no_grad():
-            want_w, want_i = gate(x, ids, imposed)
-            gate.native = True
-            got_w, got_i = gate(x, ids, imposed)
-            gate.native = False
+            want_w, want_i = gate(x, ids, ReferenceKernels(mode="inference"), imposed)
+            got_w, got_i = gate(x, ids, CpuKernels(), imposed)
         assert torch.equal(got_i, want_i)
         torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
 

@@ -22,8 +22,7 @@ from typing import ClassVar
 import torch
 
 from dsv4.attention import ops
-from dsv4.attention.reference import ReferenceAttentionBackend, _RatioPlan
-from dsv4.attention.rope import rope_cis
+from dsv4.attention.reference import ReferenceAttentionBackend, ReferencePlan, _RatioPlan
 from dsv4.core.config import ModelConfig
 from dsv4.core.interfaces import AttentionLayer, CompressorParams
 from dsv4.native import kernels, unavailable_reason
@@ -61,22 +60,22 @@ class CpuAttentionBackend(ReferenceAttentionBackend):
         return kernels.sink_attention(q, parts, layer.attn_sink, layer.softmax_scale)
 
     def _compress_entries(
-        self, rows: torch.Tensor, slots: torch.Tensor, rp: _RatioPlan, compressor: CompressorParams
+        self, plan: ReferencePlan, rows: torch.Tensor, slots: torch.Tensor, rp: _RatioPlan, compressor: CompressorParams
     ) -> torch.Tensor:
         if (
-            self.invariant_context is not None
+            plan.kernels.mode != "inference"
             or compressor.finish is not None  # fake quantisation: the reference's arithmetic
             or rows.dim() != 2
             or not rows.is_contiguous()
             or not kernels.supports(rows, compressor.ape, compressor.norm.weight)
         ):
-            return super()._compress_entries(rows, slots, rp, compressor)
+            return super()._compress_entries(plan, rows, slots, rp, compressor)
         # Keyed by the frequencies' values: every compressor of this ratio (each owns a copy of the
         # same table) then shares one rope table per step.
         key = ("cis", tuple(compressor.inv_freq.tolist()))
         cis = rp.derived.get(key)
         if cis is None:
-            cis = rp.derived[key] = rope_cis(rp.emit_block * rp.ratio, compressor.inv_freq)
+            cis = rp.derived[key] = plan.kernels.rope_cis(rp.emit_block * rp.ratio, compressor.inv_freq)
         return kernels.compress_entries(
             rows, slots, rp.emit_valid, ape=compressor.ape, norm_weight=compressor.norm.weight,
             eps=compressor.norm.eps, cis=cis, overlap=compressor.overlap,
@@ -84,6 +83,7 @@ class CpuAttentionBackend(ReferenceAttentionBackend):
 
     def _indexer_topk(
         self,
+        plan: ReferencePlan,
         q: torch.Tensor,
         weights: torch.Tensor,
         keys: torch.Tensor,
@@ -95,14 +95,14 @@ class CpuAttentionBackend(ReferenceAttentionBackend):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if (
             training_objective
-            or self.invariant_context is not None
+            or plan.kernels.mode != "inference"
             or keys.dim() != 2
             or keys.shape[0] == 0
             or keys.shape[1] % 16
             or not keys.is_contiguous()
             or not kernels.supports(q, weights, keys)
         ):
-            return super()._indexer_topk(q, weights, keys, rows, valid, topk, replay, training_objective)
+            return super()._indexer_topk(plan, q, weights, keys, rows, valid, topk, replay, training_objective)
         n = valid.shape[1]
         if topk >= n and replay is None:
             # Every visible entry is picked (contexts under topk · ratio tokens): attention over a set

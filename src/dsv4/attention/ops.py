@@ -7,10 +7,12 @@ training batch and a paged inference batch alike (spec §5).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from dsv4.attention.rope import apply_rope, rope_cis
+if TYPE_CHECKING:
+    from dsv4.core.interfaces import KernelSet
 
 __all__ = [
     "compress_entries",
@@ -42,14 +44,15 @@ def compress_entries(
     inv_freq: torch.Tensor,
     overlap: bool,
     finish: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    invariant: bool = False,
+    kernels: KernelSet,
 ) -> torch.Tensor:
     """Pool closed blocks into compressed entries ``[E, c]`` (spec §5.1).
 
     ``rows [E, coff·m, 2·coff·c]`` are the per-token ``[K | Z]`` projections of each block's slots:
     for ``overlap`` (ratio 4) the previous block's m tokens then the block's own m tokens, else just
     the block's m tokens. ``valid [E, coff·m]`` marks slots that exist (block 0 has no previous half).
-    ``positions [E]`` is each block's first-token position, where its rope is applied.
+    ``positions [E]`` is each block's first-token position, where its rope is applied. The entry's
+    norm and rope are the step's ``kernels``' (its mode's arithmetic).
     """
     m, width = ape.shape
     kv, score = rows[..., :width], rows[..., width:]
@@ -62,8 +65,8 @@ def compress_entries(
     mask = ~valid.unsqueeze(-1)
     keys = keys.masked_fill(mask, 0.0)  # a missing slot may hold anything; it must weigh exactly 0
     weights = torch.softmax(logits.float().masked_fill(mask, float("-inf")), dim=1).to(keys.dtype)
-    entries = rms_norm((keys * weights).sum(dim=1), norm_weight, eps)
-    entries = apply_rope(entries, rope_cis(positions, inv_freq, invariant), invariant=invariant)
+    entries = kernels.rms_norm((keys * weights).sum(dim=1), norm_weight, eps)
+    entries = kernels.rope(entries, kernels.rope_cis(positions, inv_freq))
     return finish(entries) if finish is not None else entries
 
 

@@ -23,7 +23,14 @@ import torch
 from dsv4.attention import ops
 from dsv4.core.batch import ForwardBatch
 from dsv4.core.config import ModelConfig
-from dsv4.core.interfaces import AttentionInputs, AttentionLayer, CompressorInputs, CompressorParams, KVPool
+from dsv4.core.interfaces import (
+    AttentionInputs,
+    AttentionLayer,
+    CompressorInputs,
+    CompressorParams,
+    KernelSet,
+    KVPool,
+)
 from dsv4.core.kv import StreamSpec
 
 __all__ = ["ReferenceAttentionBackend", "ReferencePlan", "kv_streams"]
@@ -113,6 +120,7 @@ class ReferencePlan:
 
     batch: ForwardBatch
     pool: KVPool | None
+    kernels: KernelSet  # the step's kernel set; its mode decides the arithmetic paths below
     gather_tokens: torch.Tensor | None  # rows attending by per-token gathers (None: every row)
     window: torch.Tensor  # [Tg, W] logical rows (positions) each gather-path token reads
     window_valid: torch.Tensor  # [Tg, W]
@@ -154,9 +162,6 @@ class ReferenceAttentionBackend:
         # contiguous context) instead of per-token gathers of W rows each.
         self.dense_min_tokens = dense_min_tokens
         self.dense_block = 256  # queries per block of the dense path
-        # Batch-invariant mode (set by Transformer.set_batch_invariant): per-token gathers only, with
-        # widths fixed for sequences up to this many tokens, so no shape depends on the batch.
-        self.invariant_context: int | None = None
 
     @classmethod
     def refuse(cls, config: ModelConfig, device: torch.device) -> str | None:
@@ -168,9 +173,11 @@ class ReferenceAttentionBackend:
         return kv_streams(self.config)
 
     # ------------------------------------------------------------------------------------------
-    def plan(self, batch: ForwardBatch, pool: KVPool | None) -> ReferencePlan:
+    def plan(self, batch: ForwardBatch, pool: KVPool | None, kernels: KernelSet) -> ReferencePlan:
         """Gather indices for the step; ``pool=None``: every request is a whole sequence, or its prefix
-        is another request of the batch (``batch.parents``)."""
+        is another request of the batch (``batch.parents``). In a batch-invariant step every token
+        gathers (no dense blocks), with widths fixed for ``kernels.max_context`` tokens, so no shape
+        depends on the batch."""
         parents = batch.parents
         orphans = [r for r, p in enumerate(batch.prefix_lens_host) if p and (parents is None or parents[r] < 0)]
         if pool is None and orphans:
@@ -182,12 +189,13 @@ class ReferenceAttentionBackend:
         seq_lens = batch.seq_lens_host
         starts = [sum(batch.extend_lens_host[:r]) for r in range(batch.num_requests)]
         dense: list[_DenseRequest] = []
-        if self.invariant_context is not None and max(seq_lens) > self.invariant_context:
+        invariant_context = _invariant_context(kernels)
+        if invariant_context is not None and max(seq_lens) > invariant_context:
             raise ValueError(
-                f"a sequence of {max(seq_lens)} tokens exceeds the batch-invariant context {self.invariant_context}"
+                f"a sequence of {max(seq_lens)} tokens exceeds the batch-invariant context {invariant_context}"
             )
         for r, (e, p) in enumerate(zip(batch.extend_lens_host, batch.prefix_lens_host, strict=True)):
-            if e >= self.dense_min_tokens and self.invariant_context is None:
+            if e >= self.dense_min_tokens and invariant_context is None:
                 c0 = max(0, p - w + 1)
                 positions = torch.arange(p, p + e, device=dev)
                 dense.append(_DenseRequest(r, starts[r], e, positions, torch.arange(c0, p + e, device=dev)))
@@ -204,7 +212,7 @@ class ReferenceAttentionBackend:
         pos = batch.positions if gather_tokens is None else batch.positions[gather_tokens]
         window = pos.unsqueeze(1) - (w - 1) + torch.arange(w, device=dev)  # [Tg, W]
         window_valid = window >= 0
-        plan = ReferencePlan(batch, pool, gather_tokens, window.clamp(min=0), window_valid, {}, dense, inverse)
+        plan = ReferencePlan(batch, pool, kernels, gather_tokens, window.clamp(min=0), window_valid, {}, dense, inverse)
         if pool is None:
             plan.local["win"] = _local(batch.starts, list(batch.prefix_lens_host), parents)
         for ratio in sorted(set(cfg.compress_ratios) - {0}):
@@ -220,7 +228,7 @@ class ReferenceAttentionBackend:
             emit_rows = (emit_block.unsqueeze(1) - (coff - 1)) * ratio + torch.arange(coff * ratio, device=dev)
             emit_valid = emit_rows >= 0
             n_visible = (pos + 1) // ratio  # [Tg]
-            longest = self.invariant_context or max(seq_lens)
+            longest = invariant_context or max(seq_lens)
             width = longest // ratio if pos.shape[0] else 0
             visible = torch.arange(width, device=dev).expand(pos.shape[0], width)
             visible_valid = visible < n_visible.unsqueeze(1)
@@ -300,7 +308,7 @@ class ReferenceAttentionBackend:
                 if picks is not None and inputs.routing is not None and inputs.routing.replay:
                     replay = picks if sel is None else picks[sel]
                 top, top_valid, top_scores = self._indexer_topk(
-                    iq, iw, keys, ivisible, rp.visible_valid, layer.index_topk, replay, inputs.aux is not None
+                    plan, iq, iw, keys, ivisible, rp.visible_valid, layer.index_topk, replay, inputs.aux is not None
                 )
                 _record(inputs, picks, sel, top, top_valid)
                 visible = visible.gather(1, top)
@@ -309,7 +317,7 @@ class ReferenceAttentionBackend:
             else:
                 masks.append(rp.visible_valid)
             sources.append((entries, visible))
-        if self.invariant_context is None and not torch.is_grad_enabled() and inputs.aux is None:
+        if plan.kernels.mode == "inference" and inputs.aux is None:
             return self._attend_inference(layer, q, sources, masks)
         parts = [_gather_rows(store, rows) for store, rows in sources]
         kv = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
@@ -321,6 +329,7 @@ class ReferenceAttentionBackend:
 
     def _indexer_topk(
         self,
+        plan: ReferencePlan,
         q: torch.Tensor,
         weights: torch.Tensor,
         keys: torch.Tensor,
@@ -438,12 +447,12 @@ class ReferenceAttentionBackend:
             plan, lid, rows_stream, plan.slots(rows_stream, "write", batch.req_index, batch.positions), new_rows
         )
         slots = plan.slots(rows_stream, "emit", rp.emit_req.unsqueeze(1), rp.emit_rows)
-        entries = self._compress_entries(rows, slots, rp, compressor)
+        entries = self._compress_entries(plan, rows, slots, rp, compressor)
         ent_slots = plan.slots(ent_stream, "write", rp.emit_req, rp.emit_block)
         return self._store(plan, lid, ent_stream, ent_slots, entries)
 
     def _compress_entries(
-        self, rows: torch.Tensor, slots: torch.Tensor, rp: _RatioPlan, compressor: CompressorParams
+        self, plan: ReferencePlan, rows: torch.Tensor, slots: torch.Tensor, rp: _RatioPlan, compressor: CompressorParams
     ) -> torch.Tensor:
         """The entries ``[E, c]`` of the blocks closing in this step, from the compressor rows stored at
         ``rows[slots]`` (backends with kernels that read the storage in place override this)."""
@@ -457,7 +466,7 @@ class ReferenceAttentionBackend:
             inv_freq=compressor.inv_freq,
             overlap=compressor.overlap,
             finish=compressor.finish,
-            invariant=self.invariant_context is not None,
+            kernels=plan.kernels,
         )
 
     @staticmethod
@@ -469,6 +478,15 @@ class ReferenceAttentionBackend:
         buf[slots] = rows.to(buf.dtype)
         return buf
 
+
+
+def _invariant_context(kernels: KernelSet) -> int | None:
+    """The longest sequence of a batch-invariant step (``None``: not batch-invariant)."""
+    if kernels.mode != "batch_invariant":
+        return None
+    if kernels.max_context is None:
+        raise ValueError(f"batch-invariant kernel set {kernels.name!r} has no max_context (the longest sequence)")
+    return kernels.max_context
 
 
 def _record(

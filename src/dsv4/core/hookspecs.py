@@ -33,6 +33,7 @@ REGISTRATION_HOOKS: dict[str, str] = {
     "register_expert_executors": "expert_executor",
     "register_verifiers": "verifier",
     "register_schedulers": "scheduler",
+    "register_kernel_sets": "kernel_set",
 }
 
 
@@ -59,3 +60,8 @@ def register_verifiers() -> list[type[Any]]:
 @hookspec
 def register_schedulers() -> list[type[Any]]:
     """Return :class:`~dsv4.core.interfaces.Scheduler` classes to register by their ``name``."""
+
+
+@hookspec
+def register_kernel_sets() -> list[type[Any]]:
+    """Return :class:`~dsv4.core.interfaces.KernelSet` classes to register by their ``name``."""

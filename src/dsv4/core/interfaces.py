@@ -1,4 +1,4 @@
-"""The five core interfaces every dsv4 component is written against.
+"""The core interfaces every dsv4 component is written against.
 
 Each is a small :class:`typing.Protocol` (no implementation inheritance). Every implementation has
 
@@ -14,9 +14,10 @@ builds objects once, so no hook runs on a hot path.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeGuard, TypeVar, runtime_checkable
 
 import torch
 
@@ -29,21 +30,33 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INTERFACES",
+    "AdoptingScheduler",
     "AttentionBackend",
     "AttentionInputs",
     "AttentionLayer",
     "CompressorParams",
     "CompressorInputs",
     "ExpertExecutor",
+    "ForkingKVPool",
     "IndexerInputs",
     "IndexerParams",
     "KVPool",
+    "KernelSet",
+    "LinearWeights",
     "NormParams",
     "RoutingTrace",
+    "STEP_MODES",
+    "ScheduledBatch",
+    "ScheduledSequence",
     "Scheduler",
+    "SeqT",
+    "SequenceStatus",
+    "StepMode",
     "Verifier",
     "VerifyResult",
     "VerifySample",
+    "can_adopt",
+    "can_fork",
 ]
 
 
@@ -173,8 +186,13 @@ class AttentionBackend(Protocol):
         """The streams this backend keeps in a :class:`KVPool` (it owns its KV layout)."""
         ...
 
-    def plan(self, batch: ForwardBatch, pool: KVPool | None) -> Any:
-        """Build the step's metadata (``pool=None``: the batch holds whole sequences, no cache)."""
+    def plan(self, batch: ForwardBatch, pool: KVPool | None, kernels: KernelSet) -> Any:
+        """Build the step's metadata (``pool=None``: the batch holds whole sequences, no cache).
+
+        ``kernels`` is the step's kernel set: its ``mode`` says whether the step runs with autograd,
+        for inference or batch-invariant (then gathers are sized for ``kernels.max_context``), and its
+        ops are the ones to use for norms and rope inside attention.
+        """
         ...
 
     def forward(self, layer: AttentionLayer, inputs: AttentionInputs, metadata: Any) -> torch.Tensor:
@@ -196,11 +214,16 @@ class KVPool(Protocol):
     """
 
     name: ClassVar[str]
-    capabilities: ClassVar[frozenset[str]]
+    capabilities: ClassVar[frozenset[str]]  # e.g. {"paged", "window_recycling", "fork"}
 
     @classmethod
     def refuse(cls, config: ModelConfig, device: torch.device) -> str | None:
         """``None`` if this pool can hold ``config``'s cache on ``device``, else the reason."""
+        ...
+
+    @property
+    def streams(self) -> Mapping[str, StreamSpec]:
+        """The streams it holds, by name (those of the attention backend's ``kv_streams()``)."""
         ...
 
     def reserve(self, rid: int, num_tokens: int) -> None:
@@ -234,11 +257,20 @@ class KVPool(Protocol):
         """Bytes of ``stream`` held by requests, across all its layers."""
         ...
 
-    # Pools with the "fork" capability also have
-    #   fork(src: int, dst: int | Sequence[int]) -> None
-    # which gives ``dst`` (one request or several, holding no pages) a copy of every row ``src`` may
-    # still read, raising MemoryError (pool unchanged) when pages run out for all of them: the engine
-    # prefills a prompt sampled n times once.
+
+@runtime_checkable
+class ForkingKVPool(KVPool, Protocol):
+    """A :class:`KVPool` with the ``"fork"`` capability: the engine prefills a prompt sampled n times once."""
+
+    def fork(self, src: int, dst: int | Sequence[int]) -> None:
+        """Give ``dst`` (one request or several, holding no pages) a copy of every row ``src`` may still
+        read. Raises :class:`MemoryError` (pool unchanged) when pages run out for all of them."""
+        ...
+
+
+def can_fork(pool: KVPool) -> TypeGuard[ForkingKVPool]:
+    """Whether ``pool`` declares the ``"fork"`` capability, and so is a :class:`ForkingKVPool`."""
+    return "fork" in pool.capabilities
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,9 +292,122 @@ class ExpertExecutor(Protocol):
         ...
 
     def forward(
-        self, experts: nn.ModuleList, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, limit: float
+        self,
+        experts: nn.ModuleList,
+        x: torch.Tensor,
+        idx: torch.Tensor,
+        weights: torch.Tensor,
+        limit: float,
+        kernels: KernelSet,
     ) -> torch.Tensor:
-        """``Σ_k weights[t,k] · expert_{idx[t,k]}(x[t])`` for ``x [T, D]``, ``idx/weights [T, k]``."""
+        """``Σ_k weights[t,k] · expert_{idx[t,k]}(x[t])`` for ``x [T, D]``, ``idx/weights [T, k]``, in the
+        step's numerics (``kernels``: its mode, and the linears and SwiGLU an expert module runs)."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels and numerics
+# --------------------------------------------------------------------------------------------------
+#: How a step computes. "autograd": training (gradients flow); "inference": no autograd, any
+#: arithmetic that is fast and accurate; "batch_invariant": a row's numbers do not depend on the rows
+#: that share its step (true on-policy RL), with or without autograd.
+StepMode = Literal["autograd", "inference", "batch_invariant"]
+STEP_MODES: tuple[StepMode, ...] = ("autograd", "inference", "batch_invariant")
+
+
+class LinearWeights(Protocol):
+    """What a kernel set reads from a linear layer, ``y = x @ W^T`` without bias.
+
+    ``W`` is the rows of ``weights`` stacked (one weight, or several projections of the same input
+    computed as one product); ``cache`` keeps what a kernel set derives from them (the stacked copy,
+    packed or quantised forms), keyed by what it is and checked against the weights' versions.
+    """
+
+    @property
+    def weights(self) -> Sequence[torch.Tensor]: ...  # noqa: D102  each [N_i, K]
+    @property
+    def cache(self) -> dict[str, Any]: ...  # noqa: D102
+
+
+@runtime_checkable
+class KernelSet(Protocol):
+    """The model's hot ops for one :data:`StepMode`: linears, norms, rope, mHC, the router, SwiGLU.
+
+    The model calls these and nothing else for its arithmetic, so a hardware plugin replaces them all
+    at once and model code has no backend, device or mode branch. A class serves the modes named in
+    its ``capabilities`` (besides features such as ``"cpu"``/``"cuda"``) and is built per mode as
+    ``cls(config, device, mode, max_context=None, options={})``: ``max_context`` is the longest
+    sequence a batch-invariant step will hold (attention sizes its gathers for it), ``options`` the
+    engine's settings (e.g. ``native_kernels``), for the sets that read any. The model picks the
+    instance for each step (:class:`dsv4.core.numerics.KernelChoice`) and hands it to the attention
+    backend's plan and the expert executor, so they follow the same mode.
+    """
+
+    name: ClassVar[str]
+    capabilities: ClassVar[frozenset[str]]
+    mode: StepMode
+    max_context: int | None
+
+    @classmethod
+    def refuse(cls, config: ModelConfig, device: torch.device, mode: StepMode) -> str | None:
+        """``None`` if this kernel set can compute ``config`` on ``device`` in ``mode``, else the reason."""
+        ...
+
+    def linear(self, x: torch.Tensor, layer: LinearWeights) -> torch.Tensor:
+        """``x [..., K] @ W^T`` -> ``[..., ΣN_i]``."""
+        ...
+
+    def grouped_linear(self, x: torch.Tensor, layer: LinearWeights) -> torch.Tensor:
+        """Per-group products: ``x [T, g, K]`` with ``W [g·R, K]`` -> ``[T, g, R]``."""
+        ...
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+        """``weight · x · rsqrt(mean(x²) + eps)`` over the last dim, in fp32 (``weight=None``: no scale)."""
+        ...
+
+    def rope_cis(self, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+        """Unit complex rotations ``[..., rd/2]`` (complex64) of integer ``positions [...]``."""
+        ...
+
+    def rope(self, x: torch.Tensor, cis: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+        """Rotate the trailing ``2·cis.shape[-1]`` channels of ``x [N, ..., d]`` as interleaved pairs by
+        ``cis [N, rd/2]`` (``inverse``: the conjugate rotation)."""
+        ...
+
+    def hc_pre(
+        self, h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+        *, rms_eps: float, hc_eps: float, sinkhorn_iters: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """mHC collapse of streams ``h [T, n, D]``: the sublayer input ``[T, D]``, ``post [T, n]`` and the
+        Sinkhorn-normalised ``comb [T, n, n]``."""
+        ...
+
+    def hc_post(self, f: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        """New streams ``X'_k = post_k · f + Σ_j comb[j, k] · X_j`` -> ``[T, n, D]``."""
+        ...
+
+    def hc_head(
+        self, h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, *, rms_eps: float,
+        hc_eps: float,
+    ) -> torch.Tensor:
+        """Final collapse of the streams ``h [T, n, D] -> [T, D]`` (no post, no comb)."""
+        ...
+
+    def route(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, imposed: torch.Tensor | None,
+        *, score_func: str, top_k: int, route_scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MoE routing of ``x [T, D]``: combine weights and expert ids ``[T, k]``. Ids are the top-k of
+        ``scores + bias``; ``imposed [T, k]`` replaces them on rows whose first id is >= 0 (hash routing,
+        where ``bias`` is None and every row is imposed, and routing replay)."""
+        ...
+
+    def swiglu(self, gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+        """``silu(min(gate, L)) · clamp(up, -L, L)``; no clamping when ``L <= 0``."""
+        ...
+
+    def token_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``log_softmax(logits [N, V])[i, tokens[i]]`` (rollouts and the trainer use the same)."""
         ...
 
 
@@ -308,38 +453,108 @@ class Verifier(Protocol):
 # --------------------------------------------------------------------------------------------------
 # Scheduling
 # --------------------------------------------------------------------------------------------------
+class SequenceStatus(enum.Enum):
+    """Where a sequence is in its life; the scheduler moves it along."""
+
+    WAITING = "waiting"  # holds no KV pages (new, or preempted: recomputed from scratch)
+    RUNNING = "running"  # its KV is (partly) in the pool
+    FINISHED = "finished"
+
+
+class ScheduledSequence(Protocol):
+    """What a scheduler reads and writes on a sequence (the engine's ``Sequence``)."""
+
+    @property
+    def seq_id(self) -> int: ...  # noqa: D102  its request id in the KV pool
+    @property
+    def request_id(self) -> str: ...  # noqa: D102  the request it samples (abort drops all its sequences)
+    @property
+    def arrival(self) -> tuple[int, int]: ...  # noqa: D102  (request arrival order, sample index)
+    @property
+    def num_tokens(self) -> int: ...  # noqa: D102  prompt plus generated tokens
+
+    num_computed: int  # tokens whose KV is in the pool; a scheduler preempting the sequence sets it to 0
+    status: SequenceStatus
+
+
+SeqT = TypeVar("SeqT", bound=ScheduledSequence)
+
+
+@dataclass(slots=True)
+class ScheduledBatch(Generic[SeqT]):
+    """One step's work: each sequence with how many of its uncomputed tokens run now (its pages for them
+    reserved), and the sequences preempted to make room (they hold no pages and wait to be recomputed)."""
+
+    items: list[tuple[SeqT, int]] = field(default_factory=list)
+    preempted: list[SeqT] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        """New tokens in the step."""
+        return sum(n for _, n in self.items)
+
+
 @runtime_checkable
-class Scheduler(Protocol):
-    """Decides which requests run in the next step and how many new tokens each contributes."""
+class Scheduler(Protocol[SeqT]):
+    """Decides which sequences run in the next step and how many new tokens each contributes.
+
+    A sequence holds pages in the pool only while it runs: :meth:`schedule` reserves them, preemption,
+    :meth:`finish` and :meth:`abort` free them. ``dsv4.testing.contracts.check_scheduler`` checks the
+    rules on random request streams.
+    """
 
     name: ClassVar[str]
-    capabilities: ClassVar[frozenset[str]]  # e.g. {"chunked_prefill", "preemption"}
+    # e.g. {"chunked_prefill", "preemption", "fork"}. "chunked_prefill": may split a prompt over steps
+    # (when built with chunked_prefill=True); "preemption": may free a running sequence's pages when the
+    # pool runs out; "fork": an AdoptingScheduler.
+    capabilities: ClassVar[frozenset[str]]
+
+    def __init__(self, pool: KVPool, *, max_num_seqs: int, max_num_batched_tokens: int, chunked_prefill: bool) -> None:
+        """Schedule into ``pool``: at most ``max_num_seqs`` sequences running and ``max_num_batched_tokens``
+        new tokens a step; a prompt is cut into chunks only with ``chunked_prefill``."""
+        ...
 
     @classmethod
     def refuse(cls, options: Mapping[str, Any]) -> str | None:
-        """``None`` if this scheduler accepts ``options``, else the reason."""
+        """``None`` if this scheduler accepts ``options`` (the engine's, unknown keys ignored), else the reason."""
         ...
 
-    def add(self, request: Any) -> None:
-        """Queue a new request."""
+    def add(self, seq: SeqT) -> None:
+        """Queue a sequence that holds no pages (status WAITING)."""
         ...
 
-    def abort(self, request_id: str) -> None:
-        """Drop a request wherever it is; its memory is released."""
+    def schedule(self) -> ScheduledBatch[SeqT]:
+        """The next step's work within both limits, each sequence once (status RUNNING) with ``n`` new
+        tokens, ``1 <= n <=`` its uncomputed ones (all of them without chunked prefill). Empty only when
+        nothing waits or runs, or the pool cannot hold a single sequence."""
         ...
 
-    def schedule(self) -> Any:
-        """The next step's work (requests and new-token counts), or an empty plan."""
+    def finish(self, seq: SeqT) -> None:
+        """Take an ended sequence out of scheduling and free its pages (status FINISHED)."""
+        ...
+
+    def abort(self, request_id: str) -> list[SeqT]:
+        """Drop every unfinished sequence of ``request_id`` as :meth:`finish` does; returns them."""
         ...
 
     def has_work(self) -> bool:
-        """Whether any request is waiting or running."""
+        """Whether any sequence is waiting or running."""
         ...
 
-    # Schedulers with the "fork" capability also have
-    #   adopt(request: Any) -> bool
-    # which runs a request that already holds its KV cache (a sample given a copy of its prompt's)
-    # from the next step on, or returns False (nothing changed) when the running set is full.
+
+@runtime_checkable
+class AdoptingScheduler(Scheduler[SeqT], Protocol[SeqT]):
+    """A :class:`Scheduler` with the ``"fork"`` capability: it runs samples given a copy of their prompt's cache."""
+
+    def adopt(self, seq: SeqT) -> bool:
+        """Run ``seq``, which holds pages for its ``num_computed`` tokens, from the next step on;
+        ``False`` (nothing changed) when the running set is full."""
+        ...
+
+
+def can_adopt(scheduler: Scheduler[SeqT]) -> TypeGuard[AdoptingScheduler[SeqT]]:
+    """Whether ``scheduler`` declares the ``"fork"`` capability, and so is an :class:`AdoptingScheduler`."""
+    return "fork" in scheduler.capabilities
 
 
 #: The interfaces by the hook-friendly kind name used in the registry.
@@ -349,4 +564,5 @@ INTERFACES: dict[str, type[Any]] = {
     "expert_executor": ExpertExecutor,
     "verifier": Verifier,
     "scheduler": Scheduler,
+    "kernel_set": KernelSet,
 }

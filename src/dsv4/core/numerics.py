@@ -11,11 +11,14 @@ the trainer's recomputation of the same tokens (RL's "true on-policy" mode).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TILE", "pointwise", "rowwise_linear", "token_logprobs"]
+from dsv4.core.interfaces import KernelSet, StepMode
+
+__all__ = ["TILE", "KernelChoice", "pointwise", "rowwise_linear", "token_logprobs"]
 
 TILE = 16
 _LANES = 64  # a multiple of every CPU vector width torch uses (in float32 elements)
@@ -58,3 +61,28 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, invariant: bool =
         rows = F.pad(logits, (0, 0, 0, pad)) if pad else logits
         lse = torch.cat([torch.logsumexp(tile, dim=-1) for tile in torch.split(rows, TILE)])[: logits.shape[0]]
     return logits.gather(1, tokens.reshape(-1, 1)).squeeze(1) - lse
+
+
+@dataclass(slots=True)
+class KernelChoice:
+    """A model's kernel set for each step mode, chosen once; :meth:`for_step` picks the one of a step.
+
+    A step is batch-invariant while :attr:`invariant` is set, else it runs with autograd when torch's
+    grad mode is on and for inference when it is off.
+    """
+
+    autograd: KernelSet
+    inference: KernelSet
+    batch_invariant: KernelSet
+    invariant: bool = False  # every step batch-invariant (true on-policy RL)
+
+    def for_step(self) -> KernelSet:
+        """The kernel set of a step starting now."""
+        if self.invariant:
+            return self.batch_invariant
+        return self.autograd if torch.is_grad_enabled() else self.inference
+
+    def names(self) -> dict[StepMode, str]:
+        """Mode -> kernel-set name."""
+        return {"autograd": self.autograd.name, "inference": self.inference.name,
+                "batch_invariant": self.batch_invariant.name}

@@ -27,16 +27,24 @@ import pluggy
 from loguru import logger
 
 from dsv4.core import hookspecs
-from dsv4.core.interfaces import INTERFACES
+from dsv4.core.interfaces import INTERFACES, STEP_MODES, StepMode
+
+if typing.TYPE_CHECKING:
+    import torch
+
+    from dsv4.core.config import ModelConfig
 
 __all__ = [
     "ALLOW_LIST_ENV",
     "ENTRY_POINT_GROUP",
+    "AUTO",
+    "PluginChoice",
     "PluginError",
     "PluginInfo",
     "Provider",
     "Registry",
     "build_registry",
+    "choose_plugins",
     "get_registry",
     "reset_registry",
 ]
@@ -227,6 +235,84 @@ def get_registry() -> Registry:
 def reset_registry() -> None:
     """Forget the cached registry, so the next :func:`get_registry` reloads plugins."""
     get_registry.cache_clear()
+
+
+# ------------------------------------------------------------------------------------------------ "auto"
+AUTO = "auto"
+# Built-in PyTorch implementations that "auto" may swap on a model passed in (other plugins it keeps).
+_SWAPPABLE = frozenset({"reference", "grouped", "batch_invariant"})
+
+
+@dataclass(frozen=True, slots=True)
+class PluginChoice:
+    """The plugins a model runs with, by registry name: attention backend, expert executor and the
+    kernel set of each step mode."""
+
+    attention_backend: str
+    expert_executor: str
+    kernels: Mapping[StepMode, str]
+
+
+def choose_plugins(
+    config: ModelConfig,
+    device: torch.device,
+    *,
+    attention_backend: str = AUTO,
+    expert_executor: str = AUTO,
+    kernels: str = AUTO,
+    native_kernels: bool = True,
+    packed_weights: bool = True,
+    batch_invariant: bool = False,
+    current: PluginChoice | None = None,
+    registry: Registry | None = None,
+) -> PluginChoice:
+    """Resolve the plugin names of a model, ``"auto"`` included: the one place dsv4 decides what runs.
+
+    ``"auto"`` means, for each kind, the first implementation that does not refuse of:
+
+    - attention backend: ``cpu`` (native decode kernels; only with ``native_kernels`` and not
+      ``batch_invariant``), ``reference``;
+    - expert executor: ``reference`` when ``batch_invariant``; else ``cpu`` (with ``native_kernels``),
+      ``grouped``;
+    - kernel sets: ``reference`` for autograd steps, ``batch_invariant`` for batch-invariant ones, and
+      for inference ``cpu`` (with ``native_kernels`` or ``packed_weights``), ``reference``.
+
+    A named kernel set computes every mode it declares; the other modes get the ``"auto"`` choice.
+    ``current`` holds the plugins of a model passed in: under ``"auto"`` it keeps any that is not one
+    of the built-in PyTorch implementations. A named plugin that refuses the configuration raises
+    :class:`PluginError` with its reason.
+    """
+    reg = registry or get_registry()
+
+    def pick(kind: str, name: str, prefer: Sequence[str], held: str | None, *args: Any) -> str:
+        if name != AUTO:
+            return str(reg.select(kind, name, config, device, *args).name)
+        if held is not None and held not in _SWAPPABLE:
+            return held
+        return str(reg.first_available(kind, config, device, *args, prefer=prefer).name)
+
+    native = native_kernels and not batch_invariant
+    backend = pick("attention_backend", attention_backend, ("cpu",) * native + ("reference",),
+                   current.attention_backend if current else None)
+    executor_order = ("reference",) if batch_invariant else ("cpu",) * native + ("grouped",)
+    executor = pick("expert_executor", expert_executor, executor_order,
+                    current.expert_executor if current else None)
+    auto_kernels: dict[StepMode, tuple[str, ...]] = {
+        "autograd": ("reference",),
+        "inference": ("cpu",) * (native_kernels or packed_weights) + ("reference",),
+        "batch_invariant": ("batch_invariant",),
+    }
+    named = None if kernels == AUTO else reg.get("kernel_set", kernels)
+    chosen: dict[StepMode, str] = {}
+    for mode in STEP_MODES:
+        if named is not None and mode in named.capabilities:
+            chosen[mode] = pick("kernel_set", kernels, (), None, mode)
+        else:
+            chosen[mode] = pick("kernel_set", AUTO, auto_kernels[mode], current.kernels[mode] if current else None,
+                                mode)
+    if named is not None and not any(m in named.capabilities for m in STEP_MODES):
+        raise PluginError(f"kernel set {kernels!r} declares no step mode ({', '.join(STEP_MODES)}) it computes")
+    return PluginChoice(backend, executor, chosen)
 
 
 def _entry_points() -> list[EntryPoint]:

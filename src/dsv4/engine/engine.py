@@ -19,10 +19,10 @@ from loguru import logger
 from pydantic import Field
 
 from dsv4.core.batch import ForwardBatch, common_prefix
-from dsv4.core.interfaces import KVPool, RoutingTrace
+from dsv4.core.interfaces import KVPool, RoutingTrace, Scheduler, can_adopt, can_fork
 from dsv4.core.numerics import token_logprobs
 from dsv4.core.kv import StreamSpec
-from dsv4.core.plugins import get_registry
+from dsv4.core.plugins import choose_plugins, get_registry
 from dsv4.core.runconfig import RunConfigModel
 from dsv4.core.runtime import tune_allocator
 from dsv4.engine.detok import IncrementalDetokenizer, StopChecker
@@ -45,12 +45,15 @@ class EngineConfig(RunConfigModel):
     model: str | None = None  # checkpoint directory (config.json, safetensors, tokenizer.json)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # CPU: keep float32
     device: str = "cpu"
-    # Plugin names (see `dsv4 plugins`). "auto": the native-kernel "cpu" plugins where they apply
-    # (CPU, native_kernels, not batch_invariant), else the "reference" backend and, for experts,
-    # "grouped" (batched small steps) or "reference" in batch-invariant mode. A model passed in keeps
-    # its plugins, except that under "auto" built-in PyTorch ones are swapped for the "cpu" ones.
+    # Plugin names (see `dsv4 plugins`). "auto" (decided by dsv4.core.plugins.choose_plugins): the
+    # native-kernel "cpu" plugins where they apply (CPU, native_kernels, not batch_invariant), else the
+    # "reference" backend, for experts "grouped" (batched small steps) or "reference" in batch-invariant
+    # mode, and for kernels "reference" (autograd), "batch_invariant", and "cpu" or "reference" for
+    # inference. A named kernel set computes every step mode it declares. A model passed in keeps
+    # third-party plugins under "auto"; built-in PyTorch ones are swapped for the auto choice.
     attention_backend: str = "auto"
     expert_executor: str = "auto"
+    kernels: str = "auto"
     kv_pool: str = "paged"
     scheduler: str = "fcfs"
     fake_quant: bool = False  # reproduce the reference's FP8/FP4 activation quantisation
@@ -69,13 +72,13 @@ class EngineConfig(RunConfigModel):
     # Batch-invariant numerics (true on-policy RL): a token's logits do not depend on its batch.
     batch_invariant: bool = False
     # Small-batch fp32 CPU linears through MKL-packed weights (1.3–2x faster per linear at 4–256
-    # rows; the packed copies cost about the weights' memory again). Ignored off the CPU, without
-    # MKL, and in batch-invariant mode.
+    # rows; the packed copies cost about the weights' memory again), in the "cpu" kernel set. Ignored
+    # off the CPU, without MKL, and in batch-invariant mode.
     packed_weights: bool = True
-    # Fused C kernels for CPU inference (dsv4.native: mHC, norms, rope and the router in the model;
-    # attention, compression and experts through the "cpu" plugins that "auto" then picks), compiled
-    # on first use. Ignored off the CPU, in batch-invariant mode and where no C compiler works (the
-    # PyTorch paths run instead).
+    # Fused C kernels for CPU inference (dsv4.native: mHC, norms, rope and the router in the "cpu"
+    # kernel set; attention, compression and experts through the "cpu" plugins that "auto" then
+    # picks), compiled on first use. Ignored off the CPU, in batch-invariant mode and where no C
+    # compiler works (the PyTorch paths run instead).
     native_kernels: bool = True
     # n > 1: prefill the prompt once and give the other samples a copy of its KV cache (pools with
     # the "fork" capability); off: every sample prefills the prompt itself.
@@ -87,6 +90,9 @@ class EngineConfig(RunConfigModel):
 
 class Engine:
     """Continuous-batching DeepSeek-V4 inference on one device."""
+
+    pool: KVPool
+    scheduler: Scheduler[Sequence]
 
     def __init__(
         self,
@@ -112,20 +118,17 @@ class Engine:
         if isinstance(model, Transformer):
             self.model = model.eval()
         elif config.model is not None:
-            backend, executor = config.attention_backend, config.expert_executor
-            if not config.native_kernels or config.batch_invariant:
-                backend = "reference" if backend == "auto" else backend
-                executor = ("reference" if config.batch_invariant else "grouped") if executor == "auto" else executor
-            self.model = load_model(
-                config.model,
-                dtype=_DTYPES[config.dtype],
-                device=config.device,
-                attention_backend=backend,
-                expert_executor=executor,
-                fake_quant=config.fake_quant,
-            )
+            self.model = load_model(config.model, dtype=_DTYPES[config.dtype], device=config.device,
+                                    fake_quant=config.fake_quant)
         else:
             raise ValueError("Engine needs a model: a checkpoint directory or a dsv4 Transformer")
+        choice = choose_plugins(
+            self.model.config, self.model.embed.weight.device, attention_backend=config.attention_backend,
+            expert_executor=config.expert_executor, kernels=config.kernels, native_kernels=config.native_kernels,
+            packed_weights=config.packed_weights, batch_invariant=config.batch_invariant,
+            current=self.model.plugins if isinstance(model, Transformer) else None,
+        )
+        self.model.use_plugins(choice, config.model_dump())
         self.tokenizer = self._load_tokenizer(tokenizer)
         mcfg = self.model.config
         self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, 8192)
@@ -133,13 +136,6 @@ class Engine:
         self.eos_token_ids = frozenset(eos)
         if config.batch_invariant:
             self.model.set_batch_invariant(True, max_context=self.max_model_len)
-        on_cpu = self.model.head.weight.device.type == "cpu"
-        if config.packed_weights and not config.batch_invariant and on_cpu:
-            self.model.pack_weights()
-        if config.native_kernels and not config.batch_invariant and on_cpu:
-            self.model.use_native_kernels()
-            if isinstance(model, Transformer):
-                self._adopt_native_plugins()
         self.pool = self._build_pool()
         registry = get_registry()
         options_map = config.model_dump()
@@ -162,21 +158,6 @@ class Engine:
         self._arrivals = itertools.count()
         self._request_ids = itertools.count()
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0}
-
-    def _adopt_native_plugins(self) -> None:
-        """For a model passed in (e.g. an RL rollout copy) under ``"auto"``: swap its built-in
-        PyTorch attention backend / expert executor for the native-kernel ``cpu`` ones when they
-        serve it. (Third-party plugins the model was built with are kept.)"""
-        registry = get_registry()
-        cfg, device = self.model.config, self.model.head.weight.device
-        wanted = (("attention_backend", "attn_backend", ("reference",)),
-                  ("expert_executor", "expert_executor", ("reference", "grouped")))
-        for kind, attr, replaceable in wanted:
-            if getattr(self.config, kind) != "auto" or getattr(self.model, attr).name not in replaceable:
-                continue
-            cls = registry.get(kind, "cpu")
-            if cls.refuse(cfg, device) is None:
-                setattr(self.model, attr, cls(cfg, device))
 
     # ------------------------------------------------------------------------------------------
     def _load_tokenizer(self, tokenizer: Tokenizer | str | os.PathLike[str] | None) -> Tokenizer | None:
@@ -282,6 +263,11 @@ class Engine:
                 f"the prompt has {len(ids)} tokens; this engine's context limit (max_model_len) is "
                 f"{self.max_model_len}, which must also leave room for at least one generated token"
             )
+        if not self.config.chunked_prefill and len(ids) > self.config.max_num_batched_tokens:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; with chunked_prefill off a prompt is prefilled in one step, "
+                f"and max_num_batched_tokens is {self.config.max_num_batched_tokens}"
+            )
         vocab = self.model.config.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
@@ -311,7 +297,7 @@ class Engine:
         (bytes held / tokens in the cache across running sequences). ``"total"`` sums the streams."""
         context = sum(s.num_computed for r in self.requests.values() for s in r.seqs if not s.finished)
         stats: dict[str, dict[str, float]] = {}
-        for name in getattr(self.pool, "streams", ()):
+        for name in self.pool.streams:
             used = self.pool.bytes_used(name)
             stats[name] = {"pages_used": float(self.pool.pages_used(name)), "pages_free": float(self.pool.pages_free(name)),
                            "bytes": float(used), "bytes_per_token": used / context if context else 0.0}
@@ -330,6 +316,8 @@ class Engine:
         """Run one scheduled batch; the outputs of every request that advanced or finished."""
         plan = self.scheduler.schedule()
         self.stats["preemptions"] += len(plan.preempted)
+        for seq in plan.preempted:
+            seq.request.metrics.num_preemptions += 1
         if not plan.items:
             if self.scheduler.has_work():
                 raise RuntimeError("the scheduler made no progress: the KV pool cannot hold a single sequence")
@@ -412,8 +400,10 @@ class Engine:
         """Give ``targets`` a copy of ``src``'s KV cache and routing records and run them from the next
         step on; one without pages or a running slot is queued to compute everything itself (a waiting
         sequence never holds pages, so preemption can always make room). Returns those that run."""
+        pool, scheduler = self.pool, self.scheduler
+        assert can_fork(pool) and can_adopt(scheduler), "share_prompt needs both with the 'fork' capability"
         try:  # every copy at once; when pages are short, as many as fit, one by one
-            self.pool.fork(src.seq_id, [seq.seq_id for seq in targets])  # type: ignore[attr-defined]
+            pool.fork(src.seq_id, [seq.seq_id for seq in targets])
             copied = True
         except MemoryError:
             copied = False
@@ -421,15 +411,16 @@ class Engine:
         for seq in targets:
             if not copied:
                 try:
-                    self.pool.fork(src.seq_id, seq.seq_id)  # type: ignore[attr-defined]
+                    pool.fork(src.seq_id, seq.seq_id)
                 except MemoryError:
-                    self.scheduler.add(seq)
+                    scheduler.add(seq)
                     continue
-            if not self.scheduler.adopt(seq):  # type: ignore[attr-defined]
-                self.pool.release(seq.seq_id)
-                self.scheduler.add(seq)
+            seq.num_computed = src.num_computed  # what its copy holds, as adopt() expects
+            if not scheduler.adopt(seq):
+                seq.num_computed = 0
+                pool.release(seq.seq_id)
+                scheduler.add(seq)
                 continue
-            seq.num_computed = src.num_computed
             seq.routing_log = list(src.routing_log)
             running.append(seq)
         return running

@@ -7,18 +7,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsv4.core.interfaces import RoutingTrace
+from dsv4.core.interfaces import RoutingTrace, SequenceStatus
 from dsv4.engine.detok import IncrementalDetokenizer, StopChecker
 from dsv4.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, Routing
 from dsv4.engine.sampling import SamplingParams, SequenceSampling
-from dsv4.engine.status import SequenceStatus
 
 __all__ = ["Request", "Sequence", "SequenceStatus"]
 
 
 @dataclass(eq=False)
 class Sequence:
-    """One generated sequence; its KV pool id is ``seq_id``. A request with ``n > 1`` has several."""
+    """One generated sequence; its KV pool id is ``seq_id``. A request with ``n > 1`` has several.
+
+    A :class:`~dsv4.core.interfaces.ScheduledSequence`: what a scheduler reads and writes.
+    """
 
     seq_id: int
     request: Request
@@ -38,6 +40,16 @@ class Sequence:
     # and the rows (start, count) that are this sequence's, in order; cut out once, when it finishes
     routing_log: list[tuple[RoutingTrace, int, int]] = field(default_factory=list)
     text: str = ""  # streamed-safe text so far (no partial UTF-8, no half stop string)
+
+    @property
+    def request_id(self) -> str:
+        """The request's id."""
+        return self.request.request_id
+
+    @property
+    def arrival(self) -> tuple[int, int]:
+        """Its place in arrival order: the request's, then the sample's index."""
+        return self.request.arrival_order, self.index
 
     @property
     def prompt_ids(self) -> list[int]:

@@ -5,32 +5,14 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Generic
 
-from dsv4.core.interfaces import KVPool
-from dsv4.engine.status import SequenceStatus
-
-if TYPE_CHECKING:
-    from dsv4.engine.request import Sequence
+from dsv4.core.interfaces import KVPool, ScheduledBatch, ScheduledSequence, SeqT, SequenceStatus
 
 __all__ = ["FCFSScheduler", "ScheduledBatch"]
 
 
-@dataclass(slots=True)
-class ScheduledBatch:
-    """One step's work: each sequence with how many of its uncomputed tokens run now."""
-
-    items: list[tuple[Sequence, int]] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        """New tokens in the step."""
-        return sum(n for _, n in self.items)
-
-
-class FCFSScheduler:
+class FCFSScheduler(Generic[SeqT]):
     """First come, first served; running sequences before waiting ones; every step fits a token budget.
 
     A step takes each running sequence's next tokens (1 when decoding, a chunk when its prefill did
@@ -57,8 +39,8 @@ class FCFSScheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunked_prefill = chunked_prefill
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: deque[SeqT] = deque()
+        self.running: list[SeqT] = []
 
     @classmethod
     def refuse(cls, options: Mapping[str, Any]) -> str | None:
@@ -69,35 +51,32 @@ class FCFSScheduler:
         return None
 
     # ------------------------------------------------------------------------------------------
-    def add(self, request: Any) -> None:
-        """Queue a sequence (``request`` is a :class:`Sequence`) in arrival order: a new request's
-        go last, a sample of an earlier request that could not share its prompt's cache goes before
-        later arrivals."""
-        seq: Sequence = request
+    def add(self, seq: SeqT) -> None:
+        """Queue a sequence in arrival order: a new request's go last, a sample of an earlier request
+        that could not share its prompt's cache goes before later arrivals."""
         seq.status = SequenceStatus.WAITING
-        if not self.waiting or _arrival(seq) >= _arrival(self.waiting[-1]):
+        if not self.waiting or seq.arrival >= self.waiting[-1].arrival:
             self.waiting.append(seq)
         else:
-            self.waiting.insert(bisect.bisect(self.waiting, _arrival(seq), key=_arrival), seq)
+            self.waiting.insert(bisect.bisect(self.waiting, seq.arrival, key=_arrival), seq)
 
-    def adopt(self, request: Any) -> bool:
+    def adopt(self, seq: SeqT) -> bool:
         """Run a sequence that already holds its KV cache (a sample given a copy of its prompt's) from
         the next step on, if the running set has room; ``False`` (nothing changed) if it is full."""
-        seq: Sequence = request
         if len(self.running) >= self.max_num_seqs:
             return False
         seq.status = SequenceStatus.RUNNING
         bisect.insort(self.running, seq, key=_arrival)
         return True
 
-    def abort(self, request_id: str) -> list[Sequence]:
+    def abort(self, request_id: str) -> list[SeqT]:
         """Drop every sequence of ``request_id``; their pages are freed. Returns them."""
-        dropped = [s for s in (*self.running, *self.waiting) if s.request.request_id == request_id]
+        dropped = [s for s in (*self.running, *self.waiting) if s.request_id == request_id]
         for seq in dropped:
             self.finish(seq)
         return dropped
 
-    def finish(self, seq: Sequence) -> None:
+    def finish(self, seq: SeqT) -> None:
         """Take a sequence out of scheduling and free its pages."""
         if seq in self.running:
             self.running.remove(seq)
@@ -116,18 +95,16 @@ class FCFSScheduler:
         return len(self.waiting)
 
     # ------------------------------------------------------------------------------------------
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self) -> ScheduledBatch[SeqT]:
         """The next step's sequences and token counts."""
-        out = ScheduledBatch()
+        out: ScheduledBatch[SeqT] = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        scheduled: list[Sequence] = []
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
             if self._reserve(seq, n):
                 out.items.append((seq, n))
-                scheduled.append(seq)
                 budget -= n
                 i += 1
                 continue
@@ -151,7 +128,7 @@ class FCFSScheduler:
             budget -= n
         return out
 
-    def _reserve(self, seq: Sequence, n: int) -> bool:
+    def _reserve(self, seq: SeqT, n: int) -> bool:
         """Grow the sequence's pages for ``n`` more tokens; False (pool unchanged) if they run out."""
         try:
             self.pool.reserve(seq.seq_id, seq.num_computed + n)
@@ -159,14 +136,13 @@ class FCFSScheduler:
             return False
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: SeqT) -> None:
         self.running.remove(seq)
         self.pool.release(seq.seq_id)
         seq.num_computed = 0
         seq.status = SequenceStatus.WAITING
-        seq.request.metrics.num_preemptions += 1
         self.waiting.appendleft(seq)
 
 
-def _arrival(seq: Sequence) -> tuple[int, int]:
-    return seq.request.arrival_order, seq.index
+def _arrival(seq: ScheduledSequence) -> tuple[int, int]:
+    return seq.arrival

@@ -13,14 +13,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsv4.attention.ops import rms_norm
-from dsv4.attention.rope import apply_rope, rope_inv_freq
+from dsv4.attention.rope import rope_inv_freq
 from dsv4.core.config import ModelConfig
-from dsv4.core.interfaces import AttentionBackend, AttentionInputs, CompressorInputs, IndexerInputs, RoutingTrace
+from dsv4.core.interfaces import (
+    AttentionBackend,
+    AttentionInputs,
+    CompressorInputs,
+    IndexerInputs,
+    KernelSet,
+    RoutingTrace,
+)
 from dsv4.model.fused import FusedProjection
-from dsv4.core.numerics import rowwise_linear
 from dsv4.model.linear import Linear
-from dsv4.native import kernels
 
 __all__ = ["Attention", "Compressor", "Indexer", "RMSNorm", "StepContext"]
 
@@ -32,13 +36,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
-        self.native = False  # fused CPU kernel for inference (Transformer.use_native_kernels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kernels: KernelSet) -> torch.Tensor:
         """Normalise the last dim of ``x``."""
-        if self.native and kernels.supports(x, self.weight):
-            return kernels.rms_norm(x, self.weight, self.eps)
-        return rms_norm(x, self.weight, self.eps)
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 def _linear(n_in: int, n_out: int) -> Linear:
@@ -49,6 +50,7 @@ def _linear(n_in: int, n_out: int) -> Linear:
 class StepContext:
     """What every layer of one forward step shares: the batch plan and the rope tables."""
 
+    kernels: KernelSet  # the hot ops of this step's mode
     backend: AttentionBackend
     metadata: Any
     positions: torch.Tensor  # [T]
@@ -84,9 +86,6 @@ class Compressor(nn.Module):
         # Applied to every emitted entry (fake quantisation), or None.
         self.finish: Callable[[torch.Tensor], torch.Tensor] | None = finish
 
-    def project(self, x: torch.Tensor) -> CompressorInputs:
-        """Per-token ``K = x wkv^T`` and ``Z = x wgate^T`` (fp32, as the reference computes them)."""
-        return CompressorInputs(kv=self.wkv(x).float(), score=self.wgate(x).float())
 
 
 class Indexer(nn.Module):
@@ -95,8 +94,6 @@ class Indexer(nn.Module):
     def __init__(self, config: ModelConfig, ratio: int, inv_freq: torch.Tensor, fake_quant: bool) -> None:
         super().__init__()
         self.n_heads, self.head_dim = config.index_n_heads, config.index_head_dim
-        self.invariant = False
-        self.native = False  # fused CPU kernels for inference (Transformer.use_native_kernels)
         self.wq_b = _linear(config.q_lora_rank, self.n_heads * self.head_dim)
         self.weights_proj = _linear(config.hidden_size, self.n_heads)
         finish = _fp4_rotated if fake_quant else None
@@ -112,11 +109,10 @@ class Indexer(nn.Module):
         self.finish: Callable[[torch.Tensor], torch.Tensor] | None = finish
 
     def forward(
-        self, qr: torch.Tensor, weights: torch.Tensor, keys: CompressorInputs, cis: torch.Tensor
+        self, qr: torch.Tensor, weights: torch.Tensor, keys: CompressorInputs, cis: torch.Tensor, k: KernelSet
     ) -> IndexerInputs:
         """Indexer queries for the new tokens, with their (already projected) head weights and keys."""
-        q = apply_rope(self.wq_b(qr).view(-1, self.n_heads, self.head_dim), cis, invariant=self.invariant,
-                       native=self.native)
+        q = k.rope(self.wq_b(qr, k).view(-1, self.n_heads, self.head_dim), cis)
         if self.finish is not None:
             q = self.finish(q)
         return IndexerInputs(q=q, weights=weights.float() * self.n_heads**-0.5, keys=keys)
@@ -152,8 +148,6 @@ class Attention(nn.Module):
         super().__init__()
         d, h, rd = config.head_dim, config.num_attention_heads, config.qk_rope_head_dim
         self.layer_id, self.ratio = layer_id, ratio
-        self.invariant = False
-        self.native = False  # fused CPU kernels for inference (Transformer.use_native_kernels)
         self.n_heads, self.head_dim, self.rope_dim = h, d, rd
         self.o_groups = config.o_groups
         self.eps = config.rms_norm_eps
@@ -196,17 +190,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """``x [T, D]`` (normed sublayer input) -> ``[T, D]``."""
-        t = x.shape[0]
+        k, t = ctx.kernels, x.shape[0]
         cis = ctx.rope[self.rope_kind]
-        proj = self._project_x(x)
-        qr = self.q_norm(proj[0])  # [T, q_lora]
-        q = self.wq_b(qr).view(t, self.n_heads, self.head_dim)
-        if self.native and kernels.supports(q):
-            q = kernels.rms_norm(q, None, self.eps)
-        else:
-            q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)  # per-head RMS
-        q = apply_rope(q, cis, invariant=self.invariant, native=self.native)
-        kv = apply_rope(self.kv_norm(proj[1]), cis, invariant=self.invariant, native=self.native)  # [T, d]: K = V
+        proj = self._project_x(x, k)
+        qr = self.q_norm(proj[0], k)  # [T, q_lora]
+        q = self.wq_b(qr, k).view(t, self.n_heads, self.head_dim)
+        q = k.rope(k.rms_norm(q, None, self.eps), cis)  # per-head RMS, then rope
+        kv = k.rope(self.kv_norm(proj[1], k), cis)  # [T, d]: K = V
         if self.kv_finish is not None:
             kv = self.kv_finish(kv)
         compressor = indexer = None
@@ -215,19 +205,12 @@ class Attention(nn.Module):
         if self.indexer is not None and self._project_index is not None:
             # The indexer only selects (top-k has no gradient); it learns from its own objective, so
             # its inputs are cut from the main graph as in DeepSeek-V3.2.
-            weights, ikv, iscore = self._project_index(x.detach())
+            weights, ikv, iscore = self._project_index(x.detach(), k)
             keys = CompressorInputs(kv=ikv.float(), score=iscore.float())
-            indexer = self.indexer(qr.detach(), weights, keys, cis)
+            indexer = self.indexer(qr.detach(), weights, keys, cis, k)
         inputs = AttentionInputs(q=q, kv=kv, compressor=compressor, indexer=indexer, aux=ctx.aux, routing=ctx.routing)
         o = ctx.backend.forward(self, inputs, ctx.metadata)  # [T, H, d]
-        # V carried rope: rotate back at the query position
-        o = apply_rope(o, cis, inverse=True, invariant=self.invariant, native=self.native)
-        g = self.o_groups
-        o = o.reshape(t, g, -1)  # [T, g, (H/g)·d]
-        wo_a = self.wo_a.weight.view(g, -1, o.shape[-1])  # [g, r, (H/g)·d]
-        if self.invariant:
-            z = torch.stack([rowwise_linear(o[:, i], wo_a[i], True) for i in range(g)], dim=1)
-        else:
-            z = torch.einsum("tgi,gri->tgr", o, wo_a)
-        out: torch.Tensor = self.wo_b(z.flatten(1))
+        o = k.rope(o, cis, inverse=True)  # V carried rope: rotate back at the query position
+        z = k.grouped_linear(o.reshape(t, self.o_groups, -1), self.wo_a)  # [T, g, o_lora]
+        out: torch.Tensor = self.wo_b(z.flatten(1), k)
         return out

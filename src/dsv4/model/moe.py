@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv4.core.config import ModelConfig
-from dsv4.core.interfaces import ExpertExecutor, RoutingTrace
+from dsv4.core.interfaces import ExpertExecutor, KernelSet, RoutingTrace
 from dsv4.model.fused import FusedProjection
-from dsv4.core.numerics import pointwise, rowwise_linear
 from dsv4.model.linear import Linear
-from dsv4.native import kernels
 
-__all__ = ["Expert", "Gate", "MoE", "swiglu"]
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float, invariant: bool = False) -> torch.Tensor:
-    """``silu(min(gate, L)) · clamp(up, -L, L)``; no clamping when ``L <= 0``."""
-    if limit > 0:
-        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
-    return pointwise(F.silu, gate, invariant) * up
+__all__ = ["Expert", "Gate", "MoE"]
 
 
 class Expert(nn.Module):
@@ -34,10 +24,10 @@ class Expert(nn.Module):
         self.w3 = Linear(dim, inter_dim)
         self.gate_up = FusedProjection([self.w1, self.w3])  # w1 and w3 in one matmul
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kernels: KernelSet) -> torch.Tensor:
         """``x [N, D] -> [N, D]``."""
-        gate, up = self.gate_up(x)
-        out: torch.Tensor = self.w2(swiglu(gate, up, self.limit, self.w2.invariant))
+        gate, up = self.gate_up(x, kernels)
+        out: torch.Tensor = self.w2(kernels.swiglu(gate, up, self.limit), kernels)
         return out
 
 
@@ -51,8 +41,6 @@ class Gate(nn.Module):
         self.route_scale = config.routed_scaling_factor
         self.hashed = hashed
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
-        self.invariant = False
-        self.native = False  # fused CPU kernel for inference (Transformer.use_native_kernels)
         # Buffers, not parameters: the bias is updated from expert load, the table is frozen.
         self.bias: torch.Tensor | None
         self.tid2eid: torch.Tensor | None
@@ -64,33 +52,15 @@ class Gate(nn.Module):
             self.tid2eid = None
 
     def forward(
-        self, x: torch.Tensor, input_ids: torch.Tensor, replay: torch.Tensor | None = None
+        self, x: torch.Tensor, input_ids: torch.Tensor, kernels: KernelSet, replay: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert weights and ids ``[T, k]`` for tokens ``x [T, D]``; ``replay`` imposes the ids of rows
         whose first id is not -1 (routing replay), the weights still come from this forward's scores."""
-        if self.native and not self.invariant and x.dim() == 2 and kernels.supports(x, self.weight):
-            imposed = None if self.tid2eid is None else self.tid2eid[input_ids].long()
-            if replay is not None:
-                imposed = replay if imposed is None else torch.where(replay[:, :1] >= 0, replay, imposed)
-            return kernels.moe_gate(x, self.weight, self.bias, self.score_func, self.top_k, self.route_scale, imposed)
-        logits = rowwise_linear(x.float(), self.weight.float(), self.invariant)
-        if self.score_func == "sqrtsoftplus":
-            scores = torch.sqrt(pointwise(F.softplus, logits, self.invariant))
-        elif self.score_func == "sigmoid":
-            scores = pointwise(torch.sigmoid, logits, self.invariant)
-        else:
-            scores = torch.softmax(logits, dim=-1)
-        if self.tid2eid is not None:
-            idx = self.tid2eid[input_ids].long()
-        else:
-            assert self.bias is not None
-            idx = torch.topk(scores + self.bias, self.top_k, dim=-1).indices
+        imposed = None if self.tid2eid is None else self.tid2eid[input_ids].long()  # hash routing
         if replay is not None:
-            idx = torch.where(replay[:, :1] >= 0, replay, idx)
-        weights = scores.gather(1, idx)
-        if self.score_func != "softmax":  # as DeepSeek's reference: renormalise unless softmax-scored
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights * self.route_scale, idx
+            imposed = replay if imposed is None else torch.where(replay[:, :1] >= 0, replay, imposed)
+        return kernels.route(x, self.weight, self.bias, imposed, score_func=self.score_func, top_k=self.top_k,
+                             route_scale=self.route_scale)
 
 
 class MoE(nn.Module):
@@ -109,14 +79,15 @@ class MoE(nn.Module):
         x: torch.Tensor,
         input_ids: torch.Tensor,
         executor: ExpertExecutor,
+        kernels: KernelSet,
         routing: RoutingTrace | None = None,
         layer_id: int = 0,
     ) -> torch.Tensor:
         """``x [T, D] -> [T, D]``; ``routing`` records or replays the experts chosen for layer ``layer_id``."""
         replay = routing.experts.get(layer_id) if routing is not None and routing.replay else None
-        weights, idx = self.gate(x, input_ids, replay)
+        weights, idx = self.gate(x, input_ids, kernels, replay)
         if routing is not None:
             (routing.applied_experts if routing.replay else routing.experts)[layer_id] = idx.detach()
-        routed = executor.forward(self.experts, x, idx, weights.to(x.dtype), self.limit)
-        shared: torch.Tensor = self.shared_experts(x)
+        routed = executor.forward(self.experts, x, idx, weights.to(x.dtype), self.limit, kernels)
+        shared: torch.Tensor = self.shared_experts(x, kernels)
         return routed + shared

@@ -7,21 +7,21 @@ attention backend's plan (and whether a KV pool is attached) differs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from dsv4.attention.rope import rope_cis, rope_inv_freq
+from dsv4.attention.rope import rope_inv_freq
 from dsv4.core.batch import ForwardBatch
 from dsv4.core.config import ModelConfig
-from dsv4.core.interfaces import AttentionBackend, ExpertExecutor, KVPool, RoutingTrace
+from dsv4.core.interfaces import AttentionBackend, ExpertExecutor, KernelSet, KVPool, RoutingTrace
+from dsv4.core.numerics import KernelChoice
+from dsv4.core.plugins import PluginChoice
 from dsv4.model.attention import Attention, RMSNorm, StepContext
-from dsv4.model.fused import FusedProjection
 from dsv4.model.linear import Linear
-from dsv4.model.packed import PackedWeight, mkl_packing_available
-from dsv4.model.mhc import hc_head, hc_post, hc_pre
 from dsv4.model.moe import MoE
 
 __all__ = ["Block", "MTPBlock", "ModelOutput", "Transformer"]
@@ -36,11 +36,6 @@ def _hc_params(rows: int, cols: int, n_scales: int) -> tuple[nn.Parameter, nn.Pa
     )
 
 
-def _weight_of(linear: Linear) -> Callable[[], torch.Tensor]:
-    """The current weight of ``linear`` (looked up on each call, so a replaced Parameter is seen)."""
-    return lambda: linear.weight
-
-
 class Block(nn.Module):
     """Attention and MoE sublayers, each wrapped in an mHC pre/post around the residual streams."""
 
@@ -49,8 +44,6 @@ class Block(nn.Module):
         self.layer_id = layer_id
         n, dim = config.hc_mult, config.hidden_size
         self.rms_eps, self.hc_eps, self.sinkhorn_iters = config.rms_norm_eps, config.hc_eps, config.hc_sinkhorn_iters
-        self.invariant = False
-        self.native = False  # fused CPU mHC kernels for inference (Transformer.use_native_kernels)
         self.attn_norm = RMSNorm(dim, config.rms_norm_eps)
         self.ffn_norm = RMSNorm(dim, config.rms_norm_eps)
         self.attn = Attention(config, layer_id, ratio, fake_quant=fake_quant)
@@ -62,17 +55,18 @@ class Block(nn.Module):
         self, h: torch.Tensor, input_ids: torch.Tensor, ctx: StepContext, executor: ExpertExecutor
     ) -> torch.Tensor:
         """Streams ``h [T, n, D]`` -> ``[T, n, D]``."""
-        x, post, comb = self._hc_pre(h, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale)
-        h = hc_post(self.attn(self.attn_norm(x), ctx), h, post, comb, self.invariant, self.native)
-        x, post, comb = self._hc_pre(h, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale)
-        f = self.ffn(self.ffn_norm(x), input_ids, executor, ctx.routing, self.layer_id)
-        return hc_post(f, h, post, comb, self.invariant, self.native)
+        k = ctx.kernels
+        x, post, comb = self._hc_pre(h, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, k)
+        h = k.hc_post(self.attn(self.attn_norm(x, k), ctx), h, post, comb)
+        x, post, comb = self._hc_pre(h, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, k)
+        f = self.ffn(self.ffn_norm(x, k), input_ids, executor, k, ctx.routing, self.layer_id)
+        return k.hc_post(f, h, post, comb)
 
     def _hc_pre(
-        self, h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor
+        self, h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, k: KernelSet
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return hc_pre(h, fn, base, scale, rms_eps=self.rms_eps, hc_eps=self.hc_eps,
-                      sinkhorn_iters=self.sinkhorn_iters, invariant=self.invariant, native=self.native)
+        return k.hc_pre(h, fn, base, scale, rms_eps=self.rms_eps, hc_eps=self.hc_eps,
+                        sinkhorn_iters=self.sinkhorn_iters)
 
 
 class MTPBlock(Block):
@@ -97,11 +91,12 @@ class MTPBlock(Block):
         executor: ExpertExecutor,
     ) -> torch.Tensor:
         """Main-model streams ``h [T, n, D]`` and ``embed(next_ids) [T, D]`` -> normed output ``[T, D]``."""
-        x = self.h_proj(self.hnorm(h)) + self.e_proj(self.enorm(next_embed)).unsqueeze(1)
+        k = ctx.kernels
+        x = self.h_proj(self.hnorm(h, k), k) + self.e_proj(self.enorm(next_embed, k), k).unsqueeze(1)
         x = Block.forward(self, x, next_ids, ctx, executor)
-        y = hc_head(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, rms_eps=self.rms_eps,
-                    hc_eps=self.hc_eps, invariant=self.invariant)
-        out: torch.Tensor = self.norm(y)
+        y = k.hc_head(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, rms_eps=self.rms_eps,
+                      hc_eps=self.hc_eps)
+        out: torch.Tensor = self.norm(y, k)
         return out
 
 
@@ -127,12 +122,12 @@ class Transformer(nn.Module):
         *,
         attention_backend: AttentionBackend | None = None,
         expert_executor: ExpertExecutor | None = None,
+        kernels: KernelChoice | None = None,
         fake_quant: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
         self.fake_quant = fake_quant
-        self.invariant = False
         dim, n = config.hidden_size, config.hc_mult
         self.embed = nn.Embedding(config.vocab_size, dim)
         self.layers = nn.ModuleList(
@@ -148,17 +143,16 @@ class Transformer(nn.Module):
             for i in range(config.num_nextn_predict_layers)
         )
         self._rope_buffers()
-        if attention_backend is None or expert_executor is None:
-            from dsv4.core.plugins import get_registry
+        if attention_backend is None or expert_executor is None or kernels is None:
+            from dsv4.model.loading import build_plugins
 
-            registry = get_registry()
-            device = torch.device("cpu")
-            if attention_backend is None:
-                attention_backend = registry.select("attention_backend", "reference", config, device)(config, device)
-            if expert_executor is None:
-                expert_executor = registry.select("expert_executor", "reference", config, device)(config, device)
+            built = build_plugins(config, torch.device("cpu"))
+            attention_backend = attention_backend or built[0]
+            expert_executor = expert_executor or built[1]
+            kernels = kernels or built[2]
         self.attn_backend: AttentionBackend = attention_backend
         self.expert_executor: ExpertExecutor = expert_executor
+        self.kernels: KernelChoice = kernels
 
     def _rope_buffers(self) -> None:
         """(Re)compute the rope tables; they are derived, so not saved with the weights."""
@@ -207,40 +201,66 @@ class Transformer(nn.Module):
         ctx.routing = routing
         if indexer_loss:
             ctx.aux = {}
-        ids = batch.input_ids
+        k, ids = ctx.kernels, batch.input_ids
         h = self.embed(ids).unsqueeze(1).expand(-1, self.config.hc_mult, -1)  # [T, n, D]
         for layer in self.layers:
             h = layer(h, ids, ctx, self.expert_executor)
         rows = h if batch.sample_index is None else h[batch.sample_index]
-        logits = self.head(self.norm(self._hc_head(rows)))
+        logits = self.head(self.norm(self._hc_head(rows, k), k), k)
         mtp_logits = []
         if mtp_ids is not None:
             next_embed = self.embed(mtp_ids)
             for block in self.mtp:
                 assert isinstance(block, MTPBlock)
                 y = block.predict(h, next_embed, mtp_ids, ctx, self.expert_executor)
-                mtp_logits.append(self.head(y if batch.sample_index is None else y[batch.sample_index]))
-        aux = {k: torch.stack(v).mean() for k, v in (ctx.aux or {}).items()}
+                mtp_logits.append(self.head(y if batch.sample_index is None else y[batch.sample_index], k))
+        aux = {name: torch.stack(v).mean() for name, v in (ctx.aux or {}).items()}
         return ModelOutput(logits=logits, hidden=h, mtp_logits=mtp_logits, aux_losses=aux)
 
     def step_context(self, batch: ForwardBatch, pool: KVPool | None = None) -> StepContext:
-        """Plan the step once: backend metadata and the rope tables of the new tokens."""
-        pos = batch.positions
+        """Plan the step once: its kernel set (by step mode), backend metadata and the rope tables."""
+        k, pos = self.kernels.for_step(), batch.positions
         return StepContext(
+            kernels=k,
             backend=self.attn_backend,
-            metadata=self.attn_backend.plan(batch, pool),
+            metadata=self.attn_backend.plan(batch, pool, k),
             positions=pos,
-            rope={"main": rope_cis(pos, self.main_inv_freq, self.invariant),
-                  "compress": rope_cis(pos, self.compress_inv_freq, self.invariant)},
+            rope={"main": k.rope_cis(pos, self.main_inv_freq), "compress": k.rope_cis(pos, self.compress_inv_freq)},
         )
+
+    @property
+    def plugins(self) -> PluginChoice:
+        """The names of the plugins this model runs with."""
+        return PluginChoice(self.attn_backend.name, self.expert_executor.name, self.kernels.names())
+
+    def use_plugins(self, choice: PluginChoice, options: Mapping[str, Any] | None = None) -> None:
+        """Run with the plugins ``choice`` names (see :func:`dsv4.core.plugins.choose_plugins`): an
+        attention backend or expert executor of another name is replaced, the kernel sets are rebuilt
+        with ``options``; batch-invariant mode is kept."""
+        from dsv4.model.loading import build_plugins
+
+        device = self.embed.weight.device
+        backend, executor, kernels = build_plugins(self.config, device, choice, options)
+        if backend.name != self.attn_backend.name:
+            self.attn_backend = backend
+        if executor.name != self.expert_executor.name:
+            self.expert_executor = executor
+        kernels.batch_invariant.max_context = self.kernels.batch_invariant.max_context
+        kernels.invariant = self.kernels.invariant
+        self.kernels = kernels
+
+    @property
+    def invariant(self) -> bool:
+        """Whether every step is batch-invariant (:meth:`set_batch_invariant`)."""
+        return self.kernels.invariant
 
     def set_batch_invariant(self, enabled: bool = True, *, max_context: int | None = None) -> None:
         """Make every token's numbers independent of its batch (and of prefill vs decode).
 
-        Matmuls run in fixed row tiles, attention reads fixed-width gathers sized for ``max_context``
-        tokens, experts use the reference loop. Slower; used so that rollout logprobs equal the
-        trainer's recomputation exactly. The attention backend and expert executor must declare the
-        ``"batch_invariant"`` capability.
+        Every step then runs the ``batch_invariant`` kernel set (matmuls in fixed row tiles), attention
+        reads fixed-width gathers sized for ``max_context`` tokens, experts run in a batch-independent
+        order. Slower; used so that rollout logprobs equal the trainer's recomputation exactly. The
+        attention backend and expert executor must declare the ``"batch_invariant"`` capability.
         """
         if enabled:
             if max_context is None:
@@ -248,50 +268,12 @@ class Transformer(nn.Module):
             for plugin in (self.attn_backend, self.expert_executor):
                 if "batch_invariant" not in plugin.capabilities:
                     raise ValueError(f"{type(plugin).__name__} ({plugin.name!r}) is not batch-invariant")
-        if enabled:
-            self.use_native_kernels(False)  # rollouts must repeat the training arithmetic exactly
-        for module in self.modules():
-            if hasattr(module, "invariant"):
-                setattr(module, "invariant", enabled)
-        self.invariant = enabled
-        setattr(self.attn_backend, "invariant_context", max_context if enabled else None)
+        self.kernels.batch_invariant.max_context = max_context if enabled else None
+        self.kernels.invariant = enabled
 
-    def pack_weights(self, enabled: bool = True) -> bool:
-        """Run small-batch CPU linears through MKL-packed weights (inference; see :mod:`dsv4.model.packed`).
-
-        Returns whether packing is on: it needs a torch build with MKL. Packed copies are made on first
-        use, refreshed when a weight changes, and never used with autograd or in batch-invariant mode,
-        so training and true-on-policy arithmetic are unaffected. Costs about the weights' memory again.
-        """
-        enabled = enabled and mkl_packing_available()
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.packed = PackedWeight(_weight_of(module)) if enabled else None
-            for value in vars(module).values():
-                if isinstance(value, FusedProjection):
-                    value.packed = PackedWeight(value.weight) if enabled else None
-        return enabled
-
-    def use_native_kernels(self, enabled: bool = True) -> bool:
-        """Run the model's inference mHC mixes, RMS norms, rope and MoE router through the fused CPU
-        kernels of :mod:`dsv4.native`.
-
-        Returns whether they are on: they need the kernels built (a C compiler) and are never on in
-        batch-invariant mode. Like packed weights they apply only without autograd, to float32 CPU
-        tensors; everything else takes the PyTorch path. (Attention, compression and expert kernels
-        come with the ``"cpu"`` attention backend and expert executor.)
-        """
-        from dsv4.native import available
-
-        enabled = enabled and not self.invariant and available()
-        for module in self.modules():
-            if hasattr(module, "native"):
-                setattr(module, "native", enabled)
-        return enabled
-
-    def _hc_head(self, h: torch.Tensor) -> torch.Tensor:
-        return hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale,
-                       rms_eps=self.config.rms_norm_eps, hc_eps=self.config.hc_eps, invariant=self.invariant)
+    def _hc_head(self, h: torch.Tensor, k: KernelSet) -> torch.Tensor:
+        return k.hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale,
+                         rms_eps=self.config.rms_norm_eps, hc_eps=self.config.hc_eps)
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()

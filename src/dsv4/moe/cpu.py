@@ -21,9 +21,11 @@ import torch
 from torch import nn
 
 from dsv4.core.config import ModelConfig
+from dsv4.core.interfaces import KernelSet
 from dsv4.model.moe import Expert
 from dsv4.moe.reference import ReferenceExpertExecutor
-from dsv4.native import kernels, unavailable_reason
+from dsv4.native import kernels as native
+from dsv4.native import unavailable_reason
 
 __all__ = ["CpuExpertExecutor"]
 
@@ -55,24 +57,30 @@ class CpuExpertExecutor:
         return unavailable_reason()
 
     def forward(
-        self, experts: nn.ModuleList, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, limit: float
+        self,
+        experts: nn.ModuleList,
+        x: torch.Tensor,
+        idx: torch.Tensor,
+        weights: torch.Tensor,
+        limit: float,
+        kernels: KernelSet,
     ) -> torch.Tensor:
         """``Σ_k weights[t, k] · expert_{idx[t, k]}(x[t])`` for ``x [T, D]``, ``idx, weights [T, k]``."""
         first = experts[0]
         assert isinstance(first, Expert)
         if (
             idx.numel() > self.max_assignments
-            or first.w2.invariant
+            or kernels.mode != "inference"
             or x.shape[-1] % 16
-            or not kernels.supports(x, weights, first.w1.weight)
+            or not native.supports(x, weights, first.w1.weight)
         ):
-            return self._loop.forward(experts, x, idx, weights, limit)
+            return self._loop.forward(experts, x, idx, weights, limit, kernels)
         gate_up, down = self._packed(experts)
-        return kernels.moe_experts(x, gate_up, down, idx, weights.float(), limit)
+        return native.moe_experts(x, gate_up, down, idx, weights.float(), limit)
 
     def _packed(self, experts: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor]:
         """Panel-packed ``[E, 2I/16, D, 16]`` (w1 over w3) and ``[E, D/16, I, 16]`` (w2), cached until a
-        weight changes (held tensors + versions, as :class:`dsv4.model.packed.PackedWeight`)."""
+        weight changes (held tensors + versions, as :class:`dsv4.kernels.packed.PackedWeight`)."""
         ws: list[torch.Tensor] = []
         for e in experts:
             assert isinstance(e, Expert)
@@ -81,7 +89,7 @@ class CpuExpertExecutor:
         cached = self._packs.get(experts)
         if cached is not None and cached[1] == key and all(a is b for a, b in zip(cached[0], ws, strict=True)):
             return cached[2], cached[3]
-        gate_up = torch.stack([kernels.pack_panels(torch.cat((ws[i], ws[i + 1]))) for i in range(0, len(ws), 3)])
-        down = torch.stack([kernels.pack_panels(ws[i + 2]) for i in range(0, len(ws), 3)])
+        gate_up = torch.stack([native.pack_panels(torch.cat((ws[i], ws[i + 1]))) for i in range(0, len(ws), 3)])
+        down = torch.stack([native.pack_panels(ws[i + 2]) for i in range(0, len(ws), 3)])
         self._packs[experts] = (ws, key, gate_up, down)
         return gate_up, down

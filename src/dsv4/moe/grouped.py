@@ -4,7 +4,7 @@ Decode steps of many sequences make a per-expert loop pay a fixed cost per exper
 experts' weights and padding each expert's tokens to the busiest expert's count trades some padded
 FLOPs for two large batched matmuls. Large steps (long prefills, training) and tiny ones (a few
 sequences, most experts idle) use the per-expert loop instead, as do steps whose expert weights are
-MKL-packed (CPU inference, :mod:`dsv4.model.packed`), where packed per-expert products are faster.
+MKL-packed (CPU inference, :mod:`dsv4.kernels.packed`), where packed per-expert products are faster.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ import torch
 from torch import nn
 
 from dsv4.core.config import ModelConfig
-from dsv4.model.moe import Expert, swiglu
+from dsv4.core.interfaces import KernelSet
+from dsv4.kernels.cpu import CpuKernels
+from dsv4.kernels.packed import packing_applies
+from dsv4.model.moe import Expert
 from dsv4.moe.reference import ReferenceExpertExecutor
 
 __all__ = ["GroupedExpertExecutor"]
@@ -61,15 +64,21 @@ class GroupedExpertExecutor:
         return up, down
 
     def forward(
-        self, experts: nn.ModuleList, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, limit: float
+        self,
+        experts: nn.ModuleList,
+        x: torch.Tensor,
+        idx: torch.Tensor,
+        weights: torch.Tensor,
+        limit: float,
+        kernels: KernelSet,
     ) -> torch.Tensor:
         """``Σ_k weights[t, k] · expert_{idx[t, k]}(x[t])`` for ``x [T, D]``, ``idx, weights [T, k]``."""
         # Too many tokens: padding wastes more than batching saves. Too few (decode of a handful of
         # sequences): a padded batch would read every expert's weights for the two that are used.
         # MKL-packed expert weights (CPU inference): per-expert packed products beat the padded
         # batched product at every decode size measured (8–64 sequences).
-        if idx.numel() > self.max_assignments or idx.numel() < 4 * len(experts) or _packed(experts, x):
-            return self._loop.forward(experts, x, idx, weights, limit)
+        if idx.numel() > self.max_assignments or idx.numel() < 4 * len(experts) or _packed(kernels, experts, x):
+            return self._loop.forward(experts, x, idx, weights, limit, kernels)
         n_exp, k = len(experts), idx.shape[1]
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -83,14 +92,13 @@ class GroupedExpertExecutor:
         xp = x.new_zeros(n_exp * width, x.shape[1]).index_copy(0, slot, x[token])
         h = torch.bmm(xp.view(n_exp, width, -1), up.transpose(1, 2))  # [E, width, 2I]
         gate, val = h.chunk(2, dim=-1)
-        y = torch.bmm(swiglu(gate, val, limit), down.transpose(1, 2)).reshape(n_exp * width, -1)
+        y = torch.bmm(kernels.swiglu(gate, val, limit), down.transpose(1, 2)).reshape(n_exp * width, -1)
         y = y.index_select(0, slot) * weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
         return torch.zeros_like(x).index_add(0, token, y)
 
 
-def _packed(experts: nn.ModuleList, x: torch.Tensor) -> bool:
+def _packed(kernels: KernelSet, experts: nn.ModuleList, x: torch.Tensor) -> bool:
     """Whether the experts' products would run through MKL-packed weights for ``x``."""
     first = experts[0]
     assert isinstance(first, Expert)
-    packed = first.gate_up.packed
-    return packed is not None and not first.w2.invariant and packed.applies(x, first.w2.weight)
+    return isinstance(kernels, CpuKernels) and kernels.packed and packing_applies(x, first.w2.weight)

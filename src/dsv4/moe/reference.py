@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dsv4.core.config import ModelConfig
+from dsv4.core.interfaces import KernelSet
 
 __all__ = ["ReferenceExpertExecutor"]
 
@@ -16,7 +17,8 @@ class ReferenceExpertExecutor:
     """Pure-PyTorch routed-expert execution; differentiable, any device."""
 
     name: ClassVar[str] = "reference"
-    # batch_invariant: per-expert products go through the experts' own (tiled) linears, and each token
+    # batch_invariant: per-expert products go through the step's kernel set (tiled in batch-invariant
+    # steps), and each token
     # sums its experts in expert-id order whatever else is in the batch.
     capabilities: ClassVar[frozenset[str]] = frozenset({"training", "batch_invariant", "cpu", "cuda"})
 
@@ -29,7 +31,13 @@ class ReferenceExpertExecutor:
         return None
 
     def forward(
-        self, experts: nn.ModuleList, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, limit: float
+        self,
+        experts: nn.ModuleList,
+        x: torch.Tensor,
+        idx: torch.Tensor,
+        weights: torch.Tensor,
+        limit: float,
+        kernels: KernelSet,
     ) -> torch.Tensor:
         """``Σ_k weights[t, k] · expert_{idx[t, k]}(x[t])`` for ``x [T, D]``, ``idx, weights [T, k]``."""
         k = idx.shape[1]
@@ -43,7 +51,7 @@ class ReferenceExpertExecutor:
         start = 0
         for e, n in enumerate(counts):
             if n:
-                outs.append(experts[e](xs[start : start + n]) * ws[start : start + n])
+                outs.append(experts[e](xs[start : start + n], kernels) * ws[start : start + n])
                 start += n
         if not outs:
             return torch.zeros_like(x)

@@ -10,7 +10,7 @@ the MoE router and routed experts, the pool's slot lookup. They serve inference 
 not batch-invariant), float32 on the CPU; every caller keeps its PyTorch path, which is the
 reference the kernels are tested against. The exception is the Sinkhorn loop of training
 (forward and backward): those two kernels repeat PyTorch's arithmetic bit for bit, so they serve
-autograd and batch-invariant mode too (:func:`dsv4.model.mhc.sinkhorn`).
+autograd and batch-invariant mode too (:func:`dsv4.kernels.mhc.sinkhorn`).
 
 Building: the first :func:`library` call compiles ``dsv4_cpu.c`` (about half a second) into
 ``$DSV4_CACHE_DIR`` (default ``~/.cache/dsv4``)``/native/`` (a per-user temporary directory if that

@@ -203,7 +203,7 @@ static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 /* Sinkhorn-Knopp of hc_pre for training, forward and backward, in PyTorch's own arithmetic: the
  * same elementwise operations and sums in the same order as the autograd graph of the loop in
- * dsv4.model.mhc (comb / (comb.sum(dim) + eps), columns first, 2*iters-1 normalisations), so the
+ * dsv4.kernels.mhc (comb / (comb.sum(dim) + eps), columns first, 2*iters-1 normalisations), so the
  * values and the gradients equal autograd's bit for bit (tests compare them with torch.equal). No
  * product may be fused into an add here: contraction is off for these two functions. The
  * inference hc_pre below runs the same normalisations. */

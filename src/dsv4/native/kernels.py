@@ -121,7 +121,7 @@ def hc_pre(
     hc_eps: float,
     sinkhorn_iters: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`dsv4.model.mhc.hc_pre` in one pass: the mixing product ``flatten(h) @ fn^T`` and its RMS
+    """:func:`dsv4.kernels.mhc.hc_pre` in one pass: the mixing product ``flatten(h) @ fn^T`` and its RMS
     scaling, pre/post/comb (Sinkhorn) and the collapse. ``h [T, n, D]`` (D a multiple of 16), ``fn
     [(2+n)n, n·D]``. Returns ``x [T, D]``, ``post [T, n]``, ``comb [T, n, n]``."""
     h = _streams(h)
@@ -154,7 +154,7 @@ def _sinkhorn_args(comb: torch.Tensor, iters: int) -> tuple[torch.Tensor, int, i
 
 
 def sinkhorn(comb: torch.Tensor, iters: int, eps: float, *, save: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The Sinkhorn-Knopp loop of :func:`dsv4.model.mhc.hc_pre` over ``comb [T, n, n]`` (columns first,
+    """The Sinkhorn-Knopp loop of :func:`dsv4.kernels.mhc.hc_pre` over ``comb [T, n, n]`` (columns first,
     ``2·iters − 1`` normalisations), bit for bit PyTorch's arithmetic. With ``save``, also the inputs of
     the normalisations after the first (``[2·iters − 2, T, n, n]``) that :func:`sinkhorn_backward` needs."""
     comb, t, n = _sinkhorn_args(comb, iters)
@@ -184,7 +184,7 @@ def sinkhorn_backward(
 
 
 def hc_post(f: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """:func:`dsv4.model.mhc.hc_post`: ``out[t, k] = post[t, k] f[t] + Σ_j comb[t, j, k] h[t, j]``."""
+    """:func:`dsv4.kernels.mhc.hc_post`: ``out[t, k] = post[t, k] f[t] + Σ_j comb[t, j, k] h[t, j]``."""
     h = _streams(h)
     t, n, d = h.shape
     for name, x in (("f", f), ("h", h), ("post", post), ("comb", comb)):

@@ -310,12 +310,12 @@ _START = int(time.time())
 
 def _engine_snapshot(engine: Engine) -> dict[str, Any]:
     """Gauges, read on the engine thread."""
-    sched: Any = engine.scheduler
-    pool: Any = engine.pool
+    sched: Any = engine.scheduler  # queue lengths: FCFS-like schedulers' lists, not part of the Protocol
+    pool = engine.pool
     return {
         "running": len(getattr(sched, "running", ())),
         "waiting": len(getattr(sched, "waiting", ())),
-        "pages": {s: (pool.pages_used(s), pool.pages_free(s)) for s in getattr(pool, "streams", ())},
+        "pages": {s: (pool.pages_used(s), pool.pages_free(s)) for s in pool.streams},
     }
 
 

@@ -6,12 +6,15 @@ plugin runs them on its own classes::
     from dsv4.testing.contracts import check_attention_backend
     check_attention_backend(MyBackend)
 
-Each check compares against the pure-PyTorch reference on a tiny random model.
+The model checks compare against the pure-PyTorch reference on a tiny random model; the pool and
+scheduler checks run random request streams against the rules of their Protocols.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,10 +22,25 @@ import torch
 from dsv4.cache.paged import PagedKVPool
 from dsv4.core.batch import ForwardBatch
 from dsv4.core.config import ModelConfig
+from dsv4.core.interfaces import (
+    STEP_MODES,
+    AdoptingScheduler,
+    ForkingKVPool,
+    KernelSet,
+    ScheduledBatch,
+    Scheduler,
+    SequenceStatus,
+    can_adopt,
+)
 from dsv4.core.kv import StreamSpec
+from dsv4.kernels import BatchInvariantKernels, ReferenceKernels
 from dsv4.moe.reference import ReferenceExpertExecutor
 
-__all__ = ["check_attention_backend", "check_expert_executor", "check_kv_pool"]
+__all__ = ["check_attention_backend", "check_expert_executor", "check_kernel_set", "check_kv_pool", "check_scheduler"]
+
+# The streams of the pool and scheduler checks: a sliding window (its rows freed as it slides) and
+# compressed entries (one row per 4 tokens, never freed).
+_STREAMS = (StreamSpec("win", 4, (0, 1), keep=5), StreamSpec("ent", 4, (0,), ratio=4))
 
 
 def _model(**build: Any) -> Any:
@@ -34,7 +52,8 @@ def _model(**build: Any) -> Any:
 def check_attention_backend(cls: type[Any], *, atol: float = 1e-4) -> None:
     """Full forward, a prefix shared in the batch (``"shared_prefix"``), chunked cached prefill and decode
     all match the reference backend (logits within ``atol``: the engine's bar; fused kernels legitimately
-    sum in another order than the reference)."""
+    sum in another order than the reference). With ``"training"``, gradients match too; with
+    ``"batch_invariant"``, a sequence's logits are the same bits alone and beside another."""
     cfg = ModelConfig.tiny()
     device = torch.device("cpu")
     if (reason := cls.refuse(cfg, device)) is not None:
@@ -42,6 +61,10 @@ def check_attention_backend(cls: type[Any], *, atol: float = 1e-4) -> None:
     ref, model = _model(), _model()
     model.attn_backend = cls(cfg, device)
     ids = torch.randint(0, cfg.vocab_size, (2, 29), generator=torch.Generator().manual_seed(0))
+    if "training" in cls.capabilities:
+        _check_gradients(ref, model, ids, atol, "attention backend")
+    if "batch_invariant" in cls.capabilities:
+        _check_batch_invariant(model, ids)
     with torch.no_grad():
         expected = ref(ids)
         assert (model(ids) - expected).abs().max().item() <= atol, "full forward differs from the reference"
@@ -69,56 +92,209 @@ def check_attention_backend(cls: type[Any], *, atol: float = 1e-4) -> None:
                 pool.release(rid, pos)
 
 
+def _check_gradients(ref: Any, model: Any, ids: torch.Tensor, atol: float, what: str) -> None:
+    """``model``'s loss and parameter gradients equal ``ref``'s (same weights), within ``atol``."""
+    grads = []
+    for m in (ref, model):
+        m.zero_grad(set_to_none=True)
+        loss = m(ids).float().logsumexp(-1).mean()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (loss_ref, g_ref), (loss, g) = grads
+    assert abs(loss.item() - loss_ref.item()) <= atol, f"{what}: training loss differs from the reference"
+    assert g.keys() == g_ref.keys(), f"{what}: gradients reach other parameters: {sorted(g.keys() ^ g_ref.keys())}"
+    for name, want in g_ref.items():
+        scale = max(1.0, want.abs().max().item())
+        assert (g[name] - want).abs().max().item() <= atol * scale, f"{what}: gradient of {name} differs"
+    for m in (ref, model):
+        m.zero_grad(set_to_none=True)
+
+
+def _check_batch_invariant(model: Any, ids: torch.Tensor) -> None:
+    """In batch-invariant mode a sequence's logits are bit-identical alone and in a batch of two."""
+    model.set_batch_invariant(True, max_context=ids.shape[1])
+    try:
+        with torch.no_grad():
+            both = model(ids)
+            alone = model(ids[1:])
+        assert torch.equal(both[1], alone[0]), "batch-invariant logits change with the other rows of the batch"
+    finally:
+        model.set_batch_invariant(False)
+
+
 def check_expert_executor(cls: type[Any], *, atol: float = 1e-5) -> None:
-    """Outputs and gradients match the reference executor, including experts that get no token."""
+    """Outputs (in inference and, with ``"training"``, autograd steps, gradients included) match the
+    reference executor, including experts that get no token; with ``"batch_invariant"`` a token's output
+    is the same bits whatever other tokens share the step."""
     cfg = ModelConfig.tiny()
-    if (reason := cls.refuse(cfg, torch.device("cpu"))) is not None:
+    device = torch.device("cpu")
+    if (reason := cls.refuse(cfg, device)) is not None:
         raise AssertionError(f"{cls.__name__} refuses the tiny config: {reason}")
+    executor, reference = cls(cfg, device), ReferenceExpertExecutor(cfg)
     experts = _model().layers[1].ffn.experts
     g = torch.Generator().manual_seed(1)
     x = torch.randn(11, cfg.hidden_size, generator=g, requires_grad=True)
     idx = torch.randint(0, 2, (11, cfg.num_experts_per_tok), generator=g)  # experts 2, 3 idle
     idx[:, 1] = 1 - idx[:, 0]
     w = torch.rand(11, cfg.num_experts_per_tok, generator=g)
-    want = ReferenceExpertExecutor(cfg).forward(experts, x, idx, w, cfg.swiglu_limit)
+    autograd = ReferenceKernels(cfg, device, "autograd")
+    want = reference.forward(experts, x, idx, w, cfg.swiglu_limit, autograd)
     (gx_want,) = torch.autograd.grad(want.sum(), x)
-    got = cls(cfg, torch.device("cpu")).forward(experts, x, idx, w, cfg.swiglu_limit)
-    assert (got - want).abs().max().item() <= atol, "output differs from the reference executor"
+    with torch.no_grad():
+        inference = ReferenceKernels(cfg, device, "inference")
+        got = executor.forward(experts, x, idx, w, cfg.swiglu_limit, inference)
+        assert (got - want).abs().max().item() <= atol, "inference output differs from the reference executor"
     if "training" in cls.capabilities:
+        got = executor.forward(experts, x, idx, w, cfg.swiglu_limit, autograd)
+        assert (got - want).abs().max().item() <= atol, "training output differs from the reference executor"
         (gx,) = torch.autograd.grad(got.sum(), x)
         assert (gx - gx_want).abs().max().item() <= atol, "input gradient differs from the reference"
+    if "batch_invariant" in cls.capabilities:
+        invariant = BatchInvariantKernels(cfg, device, "batch_invariant", max_context=64)
+        with torch.no_grad():
+            full = executor.forward(experts, x, idx, w, cfg.swiglu_limit, invariant)
+            part = executor.forward(experts, x[3:5], idx[3:5], w[3:5], cfg.swiglu_limit, invariant)
+        assert torch.equal(full[3:5], part), "batch-invariant outputs change with the other tokens of the step"
+
+
+def check_kernel_set(cls: type[Any], *, atol: float = 1e-4) -> None:
+    """A kernel set computes what the reference kernel set of the same mode computes, in every step
+    mode it declares: each op on odd shapes (within ``atol`` relative to the values' scale, exactly for
+    expert ids), the whole model's logits, gradients in ``"autograd"``, and in ``"batch_invariant"`` the
+    same bits for a row whatever shares its step."""
+    cfg = ModelConfig.tiny()
+    device = torch.device("cpu")
+    modes = [m for m in STEP_MODES if m in cls.capabilities]
+    assert modes, f"{cls.__name__}: capabilities name no step mode ({', '.join(STEP_MODES)})"
+    for mode in modes:
+        if (reason := cls.refuse(cfg, device, mode)) is not None:
+            raise AssertionError(f"{cls.__name__} refuses the tiny config in {mode!r} steps: {reason}")
+        ks = cls(cfg, device, mode, max_context=64, options={})
+        assert isinstance(ks, KernelSet), f"{cls.__name__} does not implement the KernelSet Protocol"
+        assert ks.mode == mode, f"built for {mode!r}, its mode is {ks.mode!r}"
+        ref_cls = BatchInvariantKernels if mode == "batch_invariant" else ReferenceKernels
+        ref = ref_cls(cfg, device, mode, max_context=64)
+        grad = torch.enable_grad() if mode == "autograd" else torch.no_grad()
+        with grad:
+            _check_ops(ks, ref, mode, atol)
+        model, want = _model(), _model()
+        setattr(model.kernels, mode, ks)
+        model.kernels.invariant = want.kernels.invariant = mode == "batch_invariant"
+        want.kernels.batch_invariant.max_context = 64
+        ids = torch.randint(0, cfg.vocab_size, (2, 23), generator=torch.Generator().manual_seed(3))
+        if mode == "autograd":
+            _check_gradients(want, model, ids, atol, f"kernel set {cls.name!r}")
+            continue
+        with torch.no_grad():
+            got, expected = model(ids), want(ids)
+            assert (got - expected).abs().max().item() <= atol, f"{mode}: model logits differ from the reference"
+            if mode == "batch_invariant":
+                assert torch.equal(model(ids[1:])[0], got[1]), "batch-invariant logits change with the batch"
+
+
+def _check_ops(ks: Any, ref: Any, mode: str, atol: float) -> None:
+    """Every :class:`~dsv4.core.interfaces.KernelSet` op of ``ks`` against ``ref`` on random odd shapes."""
+    from dsv4.model.linear import Linear
+
+    g = torch.Generator().manual_seed(7)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    def same(name: str, got: Any, want: Any) -> None:
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
+                        strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype, f"{mode} {name}: {a.dtype}{list(a.shape)} vs " \
+                                                               f"{b.dtype}{list(b.shape)}"
+            if a.is_floating_point() or a.is_complex():
+                if b.numel():
+                    scale = max(1.0, b.abs().max().item())
+                    assert (a - b).abs().max().item() <= atol * scale, f"{mode} {name} differs"
+            else:
+                assert torch.equal(a, b), f"{mode} {name} differs"
+
+    for rows in (1, 5, 37):
+        lin = Linear(48, 40)
+        with torch.no_grad():
+            lin.weight.copy_(rand(40, 48, scale=0.2))
+        x = rand(rows, 48)
+        same(f"linear[{rows}]", ks.linear(x, lin), ref.linear(x, lin))
+        grouped = Linear(24, 6 * 2)
+        with torch.no_grad():
+            grouped.weight.copy_(rand(12, 24))
+        xg = rand(rows, 2, 24)
+        same("grouped_linear", ks.grouped_linear(xg, grouped), ref.grouped_linear(xg, grouped))
+        w = 1 + 0.1 * rand(48)
+        same("rms_norm", ks.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6))
+        heads = rand(rows, 3, 32)
+        same("rms_norm (no weight)", ks.rms_norm(heads, None, 1e-6), ref.rms_norm(heads, None, 1e-6))
+        pos = torch.arange(rows) * 7 + 3
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+        cis = ref.rope_cis(pos, inv_freq)
+        same("rope_cis", ks.rope_cis(pos, inv_freq), cis)
+        for inverse in (False, True):
+            same(f"rope(inverse={inverse})", ks.rope(heads, cis, inverse=inverse), ref.rope(heads, cis, inverse=inverse))
+        for n in (1, 2, 4):
+            h, d = rand(rows, n, 32), 32
+            fn, base, scale = rand((2 + n) * n, n * d, scale=0.2), rand((2 + n) * n), 1 + 0.1 * rand(3)
+            kw = {"rms_eps": 1e-6, "hc_eps": 1e-6, "sinkhorn_iters": 5}
+            x_pre, post, comb = ref.hc_pre(h, fn, base, scale, **kw)
+            same(f"hc_pre[n={n}]", ks.hc_pre(h, fn, base, scale, **kw), (x_pre, post, comb))
+            f = rand(rows, d)
+            same(f"hc_post[n={n}]", ks.hc_post(f, h, post, comb), ref.hc_post(f, h, post, comb))
+            same(f"hc_head[n={n}]", ks.hc_head(h, fn[:n], base[:n], scale[:1], rms_eps=1e-6, hc_eps=1e-6),
+                 ref.hc_head(h, fn[:n], base[:n], scale[:1], rms_eps=1e-6, hc_eps=1e-6))
+        router, bias = rand(8, 48, scale=0.3), 0.3 * rand(8)
+        replay = torch.randint(0, 8, (rows, 2), generator=g)
+        replay[::2] = -1  # even rows computed, odd rows replayed
+        for func in ("sqrtsoftplus", "sigmoid", "softmax"):
+            for b, imposed in ((bias, None), (bias, replay), (None, torch.randint(0, 8, (rows, 2), generator=g))):
+                kw2 = {"score_func": func, "top_k": 2, "route_scale": 1.5}
+                same(f"route[{func}]", ks.route(x, router, b, imposed, **kw2), ref.route(x, router, b, imposed, **kw2))
+        gate, up = rand(rows, 40, scale=4), rand(rows, 40, scale=4)
+        for limit in (0.0, 2.5):
+            same(f"swiglu[limit={limit}]", ks.swiglu(gate, up, limit), ref.swiglu(gate, up, limit))
+        logits, tokens = rand(rows, 50, scale=3), torch.randint(0, 50, (rows,), generator=g)
+        same("token_logprobs", ks.token_logprobs(logits, tokens), ref.token_logprobs(logits, tokens))
 
 
 def check_kv_pool(cls: type[Any], *, steps: int = 300, seed: int = 0) -> None:
-    """Random reserve / release (and, for pools with the ``"fork"`` capability, fork) sequences never
-    leak pages, never give two live rows one slot, keep every row a request may still read
-    addressable, and a fork copies every row its source may still read."""
-    streams = [StreamSpec("win", 4, (0, 1), keep=5), StreamSpec("ent", 4, (0,), ratio=4)]
+    """Random reserve / release (and, for pools with the ``"fork"`` capability, fork to one request or
+    several at once) sequences never leak pages, never give two live rows one slot, keep every row a
+    request may still read addressable, and a fork copies every row its source may still read. The
+    pool names its streams, and one with the ``"fork"`` capability is a :class:`ForkingKVPool`."""
+    streams = _STREAMS
     pool = cls(streams, {"win": 12, "ent": 6}, page_size=2)
+    assert set(pool.streams) == {s.name for s in streams}, f"streams: {sorted(pool.streams)}, built with win, ent"
     total = {s.name: pool.pages_used(s.name) + pool.pages_free(s.name) for s in streams}
     rng = random.Random(seed)
     lengths: dict[int, int] = {}
     forks = "fork" in cls.capabilities
+    if forks:
+        assert isinstance(pool, ForkingKVPool), "the 'fork' capability needs fork() (a ForkingKVPool)"
     for _ in range(steps):
         rid = rng.randrange(6)
         if forks and lengths and rid not in lengths and rng.random() < 0.2:
             src = rng.choice(sorted(lengths))
+            free = [d for d in range(6) if d not in lengths and d != rid]
+            dsts = [rid, *free[: rng.randint(0, 1)]]  # one target, or two at once (the engine forks a list)
             for s in streams:  # mark the source's live rows, to see them copied
                 rows = torch.arange(s.keep_from(lengths[src]), s.length(lengths[src]))
                 slots = pool.slots(s.name, [src], torch.zeros_like(rows), rows)
                 for layer in s.layers:
                     pool.buffer(layer, s.name)[slots] = (src * 1000 + rows).float().unsqueeze(1)
             try:
-                pool.fork(src, rid)
+                pool.fork(src, dsts if len(dsts) > 1 else rid)
             except MemoryError:
                 continue
-            lengths[rid] = lengths[src]
-            for s in streams:
-                rows = torch.arange(s.keep_from(lengths[rid]), s.length(lengths[rid]))
-                slots = pool.slots(s.name, [rid], torch.zeros_like(rows), rows)
-                for layer in s.layers:
-                    got = pool.buffer(layer, s.name)[slots, 0]
-                    assert torch.equal(got, (src * 1000 + rows).float()), f"{s.name}: fork lost a row"
+            for d in dsts:
+                lengths[d] = lengths[src]
+                for s in streams:
+                    rows = torch.arange(s.keep_from(lengths[d]), s.length(lengths[d]))
+                    slots = pool.slots(s.name, [d], torch.zeros_like(rows), rows)
+                    for layer in s.layers:
+                        got = pool.buffer(layer, s.name)[slots, 0]
+                        assert torch.equal(got, (src * 1000 + rows).float()), f"{s.name}: fork lost a row"
         elif rng.random() < 0.6:
             n = lengths.get(rid, 0) + rng.randint(1, 5)
             try:
@@ -140,6 +316,243 @@ def check_kv_pool(cls: type[Any], *, steps: int = 300, seed: int = 0) -> None:
     for rid in list(lengths):
         pool.release(rid)
     assert all(pool.pages_used(s.name) == 0 for s in streams), "pages still used after every request left"
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedulers
+# --------------------------------------------------------------------------------------------------
+def check_scheduler(cls: type[Any], *, steps: int = 500, seed: int = 0) -> None:
+    """``cls`` schedules as the :class:`~dsv4.core.interfaces.Scheduler` Protocol says.
+
+    Its ``name`` and ``capabilities`` are well-formed; ``refuse`` answers ``None`` or a reason and
+    ignores options it does not know (the engine passes all of its own). Then, with
+    ``chunked_prefill`` on and off, it schedules ``steps`` steps of a random stream of requests
+    (1–3 samples each, aborts among them) into a real :class:`PagedKVPool`, driven as the engine drives
+    it (samples of a request get a copy of its first one's prompt cache and are adopted when it has
+    the ``"fork"`` capability), then runs until it has no work. On the way:
+
+    - a step stays within ``max_num_batched_tokens`` and ``max_num_seqs``, each sequence once;
+    - each sequence runs ``1 <= n <=`` its uncomputed tokens, all of them (no cut prefill) unless
+      built with ``chunked_prefill=True`` and having the ``"chunked_prefill"`` capability;
+    - the pages of those tokens are reserved; only running sequences hold pages, at most ``max_num_seqs``;
+    - ``finish`` and ``abort`` free the pages; ``abort`` returns exactly the request's unfinished
+      sequences; finished and aborted sequences never come back;
+    - only schedulers with ``"preemption"`` preempt, and a preempted sequence holds no pages and starts
+      again from ``num_computed == 0``;
+    - ``status`` is WAITING after ``add``, RUNNING when scheduled or adopted, FINISHED when ended;
+    - ``has_work`` is true exactly while a sequence is unfinished; the stream drains (no step without
+      work while sequences wait, since the pool always holds one sequence) and leaves no page used.
+
+    A broken rule fails with an :class:`AssertionError` that names it.
+    """
+    assert isinstance(cls.name, str) and cls.name, f"{cls.__name__}: `name` must be a non-empty str"
+    caps = cls.capabilities
+    assert isinstance(caps, frozenset) and all(isinstance(c, str) for c in caps), "`capabilities`: frozenset of str"
+    served = 0
+    for chunked in (True, False):
+        # without chunks, the longest sequence (recomputed after a preemption) must fit in one step
+        budget = 16 if chunked else _SchedulerRun.MAX_PROMPT + _SchedulerRun.MAX_OUTPUT
+        options = {"max_num_seqs": 4, "max_num_batched_tokens": budget, "chunked_prefill": chunked}
+        reason = cls.refuse(options)
+        assert reason is None or isinstance(reason, str), f"refuse({options}) returned {reason!r}"
+        unknown = {**options, "model": "/no/such/dir", "__not_an_option__": object()}
+        assert cls.refuse(unknown) == reason, "refuse must ignore options it does not know (the engine passes all)"
+        if reason is not None:
+            continue
+        served += 1
+        run = _SchedulerRun(cls, options, random.Random(seed))
+        for k in range(steps):
+            run.arrive()
+            run.step(k)
+        for k in range(steps, 20 * steps):  # the drain: no arrivals, no aborts
+            if not run.step(k):
+                break
+        else:
+            raise AssertionError(f"{run.where}: the stream must drain: work left after {20 * steps} steps")
+        leaked = {s.name: run.pool.pages_used(s.name) for s in _STREAMS}
+        assert not any(leaked.values()), f"{run.where}: every page is free once all sequences ended: {leaked} used"
+    assert served, f"{cls.name} refuses every configuration the check tries"
+
+
+@dataclass(eq=False)
+class _Seq:
+    """A sequence as a scheduler sees it (a :class:`~dsv4.core.interfaces.ScheduledSequence`):
+    ``prompt`` tokens, then ``target`` generated ones."""
+
+    seq_id: int
+    request_id: str
+    arrival: tuple[int, int]
+    prompt: int
+    target: int
+    generated: int = 0
+    num_computed: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return self.prompt + self.generated
+
+
+class _SchedulerRun:
+    """A scheduler driven as the engine drives it, with the checks of :func:`check_scheduler`."""
+
+    MAX_PROMPT, MAX_OUTPUT, PAGE = 40, 8, 4
+
+    def __init__(self, cls: type[Any], options: dict[str, Any], rng: random.Random) -> None:
+        self.where = f"{cls.name} (chunked_prefill={options['chunked_prefill']})"
+        self.max_seqs, self.budget = options["max_num_seqs"], options["max_num_batched_tokens"]
+        self.preempts = "preemption" in cls.capabilities
+        self.cuts = options["chunked_prefill"] and "chunked_prefill" in cls.capabilities
+        # "ent" pages (a row per 4 tokens) hold 2 sequences at their longest when the scheduler can
+        # preempt (so it has to), every sequence it may run when it cannot; "win" pages (a window of 5
+        # and a step's chunk, partial pages at both ends) are never short.
+        longest = -(-(self.MAX_PROMPT + self.MAX_OUTPUT) // 4 // self.PAGE)
+        pages = {"win": self.max_seqs * (-(-(5 + self.budget) // self.PAGE) + 2),
+                 "ent": longest * (2 if self.preempts else self.max_seqs)}
+        self.pool = PagedKVPool(_STREAMS, pages, page_size=self.PAGE)
+        self.sched: Scheduler[_Seq] = cls(self.pool, **options)
+        assert isinstance(self.sched, Scheduler), f"{self.where}: does not implement the Scheduler Protocol"
+        self.adopting = self.sched if can_adopt(self.sched) else None
+        if self.adopting is not None:
+            assert isinstance(self.adopting, AdoptingScheduler), "the 'fork' capability needs adopt()"
+        self.rng = rng
+        self.live: dict[int, _Seq] = {}  # handed to the scheduler, not ended
+        self.ended: dict[int, str] = {}  # seq_id -> "finished" or "aborted"
+        self.pending: dict[int, list[_Seq]] = {}  # first sample's seq_id -> samples waiting for its prompt cache
+        self.ids = itertools.count()
+        self.requests = itertools.count()
+
+    # ------------------------------------------------------------------------------------------
+    def arrive(self) -> None:
+        """Maybe a new request (1–3 samples), maybe an abort."""
+        rng = self.rng
+        if rng.random() < 0.3:
+            order = next(self.requests)
+            prompt = rng.randint(1, self.MAX_PROMPT)
+            first, *others = [_Seq(next(self.ids), f"req-{order}", (order, j), prompt, rng.randint(1, self.MAX_OUTPUT))
+                              for j in range(rng.choice((1, 1, 2, 3)))]
+            if self.adopting is not None and others:  # as the engine shares a prompt's cache
+                self.pending[first.seq_id], others = others, []
+            for seq in (first, *others):
+                self._add(seq)
+        active = sorted({s.request_id for s in self.live.values()})
+        if active and rng.random() < 0.05:
+            self._abort(rng.choice(active))
+
+    def step(self, k: int) -> bool:
+        """One engine step: schedule, check, compute, sample, copy prompt caches, finish. Returns
+        whether the scheduler still has work."""
+        at = f"{self.where}, step {k}"
+        plan = self.sched.schedule()
+        self._check_plan(plan, at)
+        if not plan.items:
+            assert not self.live, f"{at}: progress: schedule() is empty while {len(self.live)} sequences wait"
+        for seq, n in plan.items:
+            seq.num_computed += n
+        sampled = [seq for seq, _ in plan.items if seq.num_computed == seq.num_tokens]
+        adopted = []
+        for seq in sampled:  # a first sample that just computed its prompt: the others get a copy
+            if seq.num_computed == seq.prompt and seq.seq_id in self.pending:
+                adopted += self._copy(seq, self.pending.pop(seq.seq_id), at)
+        for seq in sampled + adopted:
+            seq.generated += 1
+            if seq.generated == seq.target:
+                self.sched.finish(seq)
+                self._ended(seq, "finished", at)
+        for seq in [s for s, _ in plan.items] + adopted:
+            if seq.seq_id in self.live:
+                self.pool.release(seq.seq_id, seq.num_computed)  # what the window left behind
+        holders = self._holders()
+        assert holders <= set(self.live), f"{at}: only unfinished sequences hold pages: {holders - set(self.live)}"
+        assert len(holders) <= self.max_seqs, f"{at}: max_num_seqs: {len(holders)} sequences hold pages"
+        has_work = self.sched.has_work()
+        assert has_work == bool(self.live), f"{at}: has_work() is {has_work} with {len(self.live)} unfinished"
+        return has_work
+
+    # ------------------------------------------------------------------------------------------
+    def _check_plan(self, plan: Any, at: str) -> None:
+        assert isinstance(plan, ScheduledBatch), f"{at}: schedule() returns a ScheduledBatch, not {type(plan)}"
+        tokens = sum(n for _, n in plan.items)
+        assert tokens <= self.budget, f"{at}: token budget: {tokens} new tokens > max_num_batched_tokens={self.budget}"
+        assert len(plan.items) <= self.max_seqs, f"{at}: max_num_seqs: {len(plan.items)} sequences in one step"
+        seen: set[int] = set()
+        for seq, n in plan.items:
+            sid = seq.seq_id
+            assert sid not in self.ended, f"{at}: ended sequences never come back: {self.ended[sid]} {sid} is scheduled"
+            assert sid in self.live, f"{at}: only added sequences run: {sid} was never added"
+            assert sid not in seen, f"{at}: each sequence once a step: {sid} twice"
+            seen.add(sid)
+            todo = seq.num_tokens - seq.num_computed
+            assert 1 <= n <= todo, f"{at}: 1 <= n <= uncomputed tokens: sequence {sid} runs {n} of {todo}"
+            if not self.cuts:
+                assert n == todo, f"{at}: no cut prefill without chunked prefill: sequence {sid} runs {n} of {todo}"
+            assert seq.status is SequenceStatus.RUNNING, f"{at}: a scheduled sequence is RUNNING, {sid} is {seq.status}"
+            free = [self.pool.pages_free(s.name) for s in _STREAMS]
+            try:  # a no-op when the scheduler reserved them
+                self.pool.reserve(sid, seq.num_computed + n)
+            except MemoryError:
+                free = []
+            reserved = free == [self.pool.pages_free(s.name) for s in _STREAMS]
+            assert reserved, f"{at}: pages reserved: sequence {sid} runs {n} tokens after {seq.num_computed} without pages"
+        assert self.preempts or not plan.preempted, f"{at}: only schedulers with the 'preemption' capability preempt"
+        holders = self._holders()
+        for seq in plan.preempted:
+            sid = seq.seq_id
+            assert sid in self.live, f"{at}: only unfinished sequences are preempted, not {sid}"
+            assert seq.num_computed == 0, f"{at}: a preempted sequence starts again from num_computed == 0, {sid} not"
+            if sid not in seen:
+                assert sid not in holders, f"{at}: a preempted sequence holds no pages, {sid} does"
+                assert seq.status is SequenceStatus.WAITING, f"{at}: a preempted sequence is WAITING, {sid} is not"
+
+    def _copy(self, src: _Seq, samples: list[_Seq], at: str) -> list[_Seq]:
+        """As the engine's ``_copy_cache``: samples get a copy of ``src``'s cache and are adopted, or queued."""
+        assert self.adopting is not None
+        adopted = []
+        for seq in samples:
+            try:
+                self.pool.fork(src.seq_id, seq.seq_id)
+            except MemoryError:
+                self._add(seq)
+                continue
+            seq.num_computed = src.num_computed
+            self.live[seq.seq_id] = seq
+            if not self.adopting.adopt(seq):
+                assert seq.status is SequenceStatus.WAITING, f"{at}: a refused adopt() changes nothing"
+                del self.live[seq.seq_id]
+                seq.num_computed = 0
+                self.pool.release(seq.seq_id)
+                self._add(seq)
+                continue
+            assert seq.status is SequenceStatus.RUNNING, f"{at}: an adopted sequence is RUNNING, {seq.seq_id} is not"
+            adopted.append(seq)
+        return adopted
+
+    def _add(self, seq: _Seq) -> None:
+        self.live[seq.seq_id] = seq
+        self.sched.add(seq)
+        assert seq.status is SequenceStatus.WAITING, f"{self.where}: an added sequence is WAITING, {seq.seq_id} is not"
+
+    def _abort(self, request_id: str) -> None:
+        for first in [sid for sid, samples in self.pending.items() if samples[0].request_id == request_id]:
+            del self.pending[first]
+        expected = {sid for sid, seq in self.live.items() if seq.request_id == request_id}
+        dropped = self.sched.abort(request_id)
+        got = sorted(seq.seq_id for seq in dropped)
+        at = f"{self.where}, abort {request_id!r}"
+        assert got == sorted(expected), f"{at}: abort returns the request's unfinished sequences {sorted(expected)}, not {got}"
+        for seq in dropped:
+            self._ended(seq, "aborted", at)
+
+    def _ended(self, seq: _Seq, how: str, at: str) -> None:
+        sid = seq.seq_id
+        assert seq.status is SequenceStatus.FINISHED, f"{at}: {how} sequences are FINISHED, {sid} is {seq.status}"
+        assert sid not in self._holders(), f"{at}: {how} sequences hold no pages, {sid} does"
+        del self.live[sid]
+        self.ended[sid] = how
+
+    def _holders(self) -> set[int]:
+        return {rid for s in _STREAMS for rid, pages in self.pool.owners(s.name).items() if pages}
 
 
 # --------------------------------------------------------------------------------------------------

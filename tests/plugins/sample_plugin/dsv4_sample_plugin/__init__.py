@@ -1,7 +1,8 @@
 """A sample third-party dsv4 plugin.
 
-It registers an attention backend (``"sample"``) and an expert executor (``"sample-experts"``) that
-delegate to dsv4's reference implementations. Those are imported lazily, inside methods, so that
+It registers an attention backend (``"sample"``), an expert executor (``"sample-experts"``) and a
+kernel set (``"sample-kernels"``, in :mod:`dsv4_sample_plugin.kernels`) built on dsv4's reference
+implementations. Those are imported lazily, inside methods, so that
 importing the plugin, which every ``dsv4`` start does, stays cheap.
 """
 
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 
     from dsv4.core.batch import ForwardBatch
     from dsv4.core.config import ModelConfig
-    from dsv4.core.interfaces import AttentionInputs, AttentionLayer, KVPool
+    from dsv4.core.interfaces import AttentionInputs, AttentionLayer, KernelSet, KVPool
     from dsv4.core.kv import StreamSpec
 
 
@@ -41,8 +42,8 @@ class SampleAttentionBackend:
     def kv_streams(self) -> list[StreamSpec]:
         return self._inner.kv_streams()
 
-    def plan(self, batch: ForwardBatch, pool: KVPool | None) -> Any:
-        return self._inner.plan(batch, pool)
+    def plan(self, batch: ForwardBatch, pool: KVPool | None, kernels: KernelSet) -> Any:
+        return self._inner.plan(batch, pool, kernels)
 
     def forward(self, layer: AttentionLayer, inputs: AttentionInputs, metadata: Any) -> torch.Tensor:
         return self._inner.forward(layer, inputs, metadata)
@@ -66,9 +67,15 @@ class SampleExpertExecutor:
         self._inner = ReferenceExpertExecutor(*args, **kwargs)
 
     def forward(
-        self, experts: nn.ModuleList, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, limit: float
+        self,
+        experts: nn.ModuleList,
+        x: torch.Tensor,
+        idx: torch.Tensor,
+        weights: torch.Tensor,
+        limit: float,
+        kernels: KernelSet,
     ) -> torch.Tensor:
-        return self._inner.forward(experts, x, idx, weights, limit)
+        return self._inner.forward(experts, x, idx, weights, limit, kernels)
 
 
 @hookimpl
@@ -79,3 +86,10 @@ def register_attention_backends() -> list[type[Any]]:
 @hookimpl
 def register_expert_executors() -> list[type[Any]]:
     return [SampleExpertExecutor]
+
+
+@hookimpl
+def register_kernel_sets() -> list[type[Any]]:
+    from dsv4_sample_plugin.kernels import SampleKernels  # imports torch: only when the registry is built
+
+    return [SampleKernels]

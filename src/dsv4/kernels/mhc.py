@@ -1,4 +1,9 @@
-"""Manifold-constrained hyper-connections (mHC): n residual streams mixed around each sublayer (spec §4)."""
+"""Manifold-constrained hyper-connections (mHC) in PyTorch: n residual streams mixed around each sublayer (spec §4).
+
+The arithmetic of the ``reference`` and ``batch_invariant`` kernel sets (:mod:`dsv4.kernels.reference`);
+``inference`` takes a fused form of the same products where no gradient is needed, ``invariant`` the
+batch-invariant one.
+"""
 
 from __future__ import annotations
 
@@ -33,26 +38,20 @@ def hc_pre(
     hc_eps: float,
     sinkhorn_iters: int,
     invariant: bool = False,
-    native: bool = False,
+    inference: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Collapse streams ``h [T, n, D]`` into the sublayer input; also return ``post [T, n]``, ``comb [T, n, n]``.
-
-    ``native`` lets inference (no autograd, not ``invariant``) run it all in one fused CPU kernel
-    (:mod:`dsv4.native`) when it applies.
-    """
+    """Collapse streams ``h [T, n, D]`` into the sublayer input; also return ``post [T, n]``, ``comb [T, n, n]``."""
     n = h.shape[-2]
-    if native and not invariant and h.shape[-1] % 16 == 0 and n <= 16 and kernels.supports(h, fn, base, scale):
-        return kernels.hc_pre(h, fn, base, scale, rms_eps=rms_eps, hc_eps=hc_eps, sinkhorn_iters=sinkhorn_iters)
     m = hc_mix(h, fn, rms_eps, invariant)
     base = base.float()
     pre = pointwise(torch.sigmoid, m[:, :n] * scale[0] + base[:n], invariant) + hc_eps
     post = 2 * pointwise(torch.sigmoid, m[:, n : 2 * n] * scale[1] + base[n : 2 * n], invariant)
     logits = m[:, 2 * n :].view(-1, n, n) * scale[2] + base[2 * n :].view(n, n)
     comb = sinkhorn(torch.softmax(logits, dim=-1) + hc_eps, sinkhorn_iters, hc_eps)
-    if invariant or torch.is_grad_enabled():
-        x = (pre.unsqueeze(-1) * h).sum(dim=-2).to(h.dtype)
-    else:  # inference: one small batched product instead of a broadcast and a reduction
+    if inference:  # one small batched product instead of a broadcast and a reduction
         x = torch.bmm(pre.unsqueeze(-2), h.float()).squeeze(-2).to(h.dtype)
+    else:
+        x = (pre.unsqueeze(-1) * h).sum(dim=-2).to(h.dtype)
     return x, post, comb
 
 
@@ -158,17 +157,15 @@ def hc_post(
     h: torch.Tensor,
     post: torch.Tensor,
     comb: torch.Tensor,
+    *,
     invariant: bool = False,
-    native: bool = False,
+    inference: bool = False,
 ) -> torch.Tensor:
-    """New streams ``X'_k = post_k · f + Σ_j comb[j, k] · X_j`` (comb is consumed transposed); ``native``
-    as in :func:`hc_pre`."""
-    if native and not invariant and h.shape[-2] <= 16 and kernels.supports(f, h, post, comb):
-        return kernels.hc_post(f, h, post, comb)
+    """New streams ``X'_k = post_k · f + Σ_j comb[j, k] · X_j`` (comb is consumed transposed)."""
     comb = comb.to(h.dtype)
     if invariant:  # elementwise: a batched matmul's kernel may change with the number of rows
         mixed = (comb.unsqueeze(-1) * h.unsqueeze(-2)).sum(dim=-3)  # [T, j, k, D] summed over j
-    elif not torch.is_grad_enabled():  # inference: the add fused into the product
+    elif inference:  # the add fused into the product
         return torch.baddbmm(post.to(h.dtype).unsqueeze(-1) * f.unsqueeze(-2), comb.transpose(-1, -2), h)
     else:
         mixed = torch.matmul(comb.transpose(-1, -2), h)  # [T, n, D]

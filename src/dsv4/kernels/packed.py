@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["MAX_PACKED_ROWS", "MIN_PACKED_ROWS", "PackedWeight", "mkl_packing_available"]
+__all__ = ["MAX_PACKED_ROWS", "MIN_PACKED_ROWS", "PackedWeight", "mkl_packing_available", "packing_applies"]
 
 # Below 4 rows a product is bound by reading the weight, and the packed copy is larger: a
 # decode step at batch 1 or 2 was 4–8 % slower packed. From 256 rows on a plain sgemm is as fast.
@@ -27,6 +27,18 @@ MAX_PACKED_ROWS = 256
 # The row count MKL tunes the packing for. Measured (2 cores) over 1–256 rows: 64 is never slower
 # than a plain sgemm; 1024 helps a 32000-row head at 256 rows but halves small weights' speed.
 _PACK_HINT = 64
+
+
+def packing_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight^T`` should take a packed weight: fp32 CPU inference of 4–256 rows."""
+    return (
+        not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and weight.dim() == 2
+        and MIN_PACKED_ROWS <= x.numel() // x.shape[-1] <= MAX_PACKED_ROWS
+    )
 
 
 def mkl_packing_available() -> bool:
@@ -47,19 +59,8 @@ class PackedWeight:
         self._key: tuple[int, int] | None = None
         self._packed: torch.Tensor | None = None
 
-    def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        """Whether ``x @ weight^T`` should take the packed path."""
-        return (
-            not torch.is_grad_enabled()
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and weight.dtype == torch.float32
-            and weight.dim() == 2
-            and MIN_PACKED_ROWS <= x.numel() // x.shape[-1] <= MAX_PACKED_ROWS
-        )
-
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ source()^T`` through the packed weight (callers check :meth:`applies` first)."""
+        """``x @ source()^T`` through the packed weight (callers check :func:`packing_applies` first)."""
         weight = self.source()
         key = (weight.data_ptr(), 0 if weight.is_inference() else int(getattr(weight, "_version")))
         if self._packed is None or weight is not self._origin or key != self._key:
