@@ -393,6 +393,11 @@ class KernelSet(Protocol):
         """Final collapse of the streams ``h [T, n, D] -> [T, D]`` (no post, no comb)."""
         ...
 
+    def router_scores(self, x: torch.Tensor, weight: torch.Tensor, score_func: str) -> torch.Tensor:
+        """The router's affinities ``[T, E]`` (fp32) of ``x [T, D]`` for ``weight [E, D]``: ``sqrt(softplus)``,
+        ``sigmoid`` or ``softmax`` of the logits (what :meth:`route` selects from; the balance loss reads them)."""
+        ...
+
     def route(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, imposed: torch.Tensor | None,
         *, score_func: str, top_k: int, route_scale: float,

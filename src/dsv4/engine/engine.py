@@ -158,6 +158,7 @@ class Engine:
         self._arrivals = itertools.count()
         self._request_ids = itertools.count()
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0}
+        self._expert_load: dict[int, torch.Tensor] = {}  # MoE layer -> tokens routed to each expert
 
     # ------------------------------------------------------------------------------------------
     def _load_tokenizer(self, tokenizer: Tokenizer | str | os.PathLike[str] | None) -> Tokenizer | None:
@@ -306,6 +307,11 @@ class Engine:
                           "context_tokens": float(context)}
         return stats
 
+    def expert_load(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert of every MoE layer the engine runs, since it started:
+        what expert-parallel placement is decided from."""
+        return {layer: counts.tolist() for layer, counts in sorted(self._expert_load.items())}
+
     def has_unfinished(self) -> bool:
         """Whether any request is still running or waiting."""
         return bool(self.requests)
@@ -336,7 +342,11 @@ class Engine:
         device = self.model.embed.weight.device
         batch = ForwardBatch.from_requests(chunks, prefixes, rids=rids, sample=sample, device=device)
         trace = RoutingTrace() if self.config.record_routing else None
-        logits = self.model.run(batch, self.pool, routing=trace).logits.float()
+        out = self.model.run(batch, self.pool, routing=trace)
+        logits = out.logits.float()
+        for layer, counts in out.expert_load.items():  # summed on the device: no sync per step
+            held = self._expert_load.get(layer)
+            self._expert_load[layer] = counts if held is None else held + counts
         self.stats["steps"] += 1
         for i, (seq, n) in enumerate(plan.items):
             if trace is not None:

@@ -117,18 +117,21 @@ class ReferenceKernels:
         """Final mHC collapse (:func:`dsv4.kernels.mhc.hc_head`)."""
         return mhc.hc_head(h, fn, base, scale, rms_eps=rms_eps, hc_eps=hc_eps, invariant=self._invariant)
 
+    def router_scores(self, x: torch.Tensor, weight: torch.Tensor, score_func: str) -> torch.Tensor:
+        """Affinities in fp32."""
+        logits = rowwise_linear(x.float(), weight.float(), self._invariant)
+        if score_func == "sqrtsoftplus":
+            return torch.sqrt(pointwise(F.softplus, logits, self._invariant))
+        if score_func == "sigmoid":
+            return pointwise(torch.sigmoid, logits, self._invariant)
+        return torch.softmax(logits, dim=-1)
+
     def route(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, imposed: torch.Tensor | None,
         *, score_func: str, top_k: int, route_scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores in fp32, top-k of ``scores + bias`` (or the imposed ids), weights from the scores."""
-        logits = rowwise_linear(x.float(), weight.float(), self._invariant)
-        if score_func == "sqrtsoftplus":
-            scores = torch.sqrt(pointwise(F.softplus, logits, self._invariant))
-        elif score_func == "sigmoid":
-            scores = pointwise(torch.sigmoid, logits, self._invariant)
-        else:
-            scores = torch.softmax(logits, dim=-1)
+        scores = self.router_scores(x, weight, score_func)
         if bias is None:  # hash routing: every row's experts are imposed
             if imposed is None:
                 raise ValueError("a router without a selection bias needs imposed expert ids (hash routing)")

@@ -7,7 +7,7 @@ so weights load without renaming.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,6 +57,9 @@ class StepContext:
     rope: dict[str, torch.Tensor]  # "main" / "compress" -> complex rotations [T, rd/2]
     aux: dict[str, list[torch.Tensor]] | None = None  # auxiliary losses the backend records, if asked
     routing: RoutingTrace | None = None  # expert / indexer choices to record or replay
+    seq_index: torch.Tensor | None = None  # [T] the request of each row (per-sequence losses)
+    expert_load: dict[int, torch.Tensor] = field(default_factory=dict)  # MoE layer -> routed tokens [E]
+    balance: list[torch.Tensor] | None = None  # the MoE layers' sequence-wise balance losses, if asked
 
 
 class Compressor(nn.Module):

@@ -6,11 +6,12 @@ import torch
 from torch import nn
 
 from dsv4.core.config import ModelConfig
-from dsv4.core.interfaces import ExpertExecutor, KernelSet, RoutingTrace
+from dsv4.core.interfaces import ExpertExecutor, KernelSet
+from dsv4.model.attention import StepContext
 from dsv4.model.fused import FusedProjection
 from dsv4.model.linear import Linear
 
-__all__ = ["Expert", "Gate", "MoE"]
+__all__ = ["Expert", "Gate", "MoE", "seq_balance_loss"]
 
 
 class Expert(nn.Module):
@@ -75,19 +76,39 @@ class MoE(nn.Module):
         self.shared_experts = Expert(dim, inter, self.limit)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        input_ids: torch.Tensor,
-        executor: ExpertExecutor,
-        kernels: KernelSet,
-        routing: RoutingTrace | None = None,
-        layer_id: int = 0,
+        self, x: torch.Tensor, input_ids: torch.Tensor, executor: ExpertExecutor, ctx: StepContext, layer_id: int
     ) -> torch.Tensor:
-        """``x [T, D] -> [T, D]``; ``routing`` records or replays the experts chosen for layer ``layer_id``."""
+        """``x [T, D] -> [T, D]``. Records the layer's routed tokens per expert in ``ctx.expert_load``,
+        records or replays its experts in ``ctx.routing``, and adds its sequence-wise balance loss to
+        ``ctx.balance`` when asked."""
+        k, routing = ctx.kernels, ctx.routing
         replay = routing.experts.get(layer_id) if routing is not None and routing.replay else None
-        weights, idx = self.gate(x, input_ids, kernels, replay)
+        weights, idx = self.gate(x, input_ids, k, replay)
         if routing is not None:
             (routing.applied_experts if routing.replay else routing.experts)[layer_id] = idx.detach()
-        routed = executor.forward(self.experts, x, idx, weights.to(x.dtype), self.limit, kernels)
-        shared: torch.Tensor = self.shared_experts(x, kernels)
+        ctx.expert_load[layer_id] = torch.bincount(idx.detach().flatten(), minlength=len(self.experts))
+        if ctx.balance is not None and self.gate.bias is not None and ctx.seq_index is not None:
+            scores = k.router_scores(x, self.gate.weight, self.gate.score_func)
+            ctx.balance.append(seq_balance_loss(scores, idx, ctx.seq_index))
+        routed = executor.forward(self.experts, x, idx, weights.to(x.dtype), self.limit, k)
+        shared: torch.Tensor = self.shared_experts(x, k)
         return routed + shared
+
+
+def seq_balance_loss(scores: torch.Tensor, idx: torch.Tensor, seq_index: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss of one MoE layer (arXiv 2412.19437, §2.1.2).
+
+    Per sequence of ``T`` tokens: ``Σ_i f_i P_i`` with ``f_i = E / (K T) · #{t : i ∈ top-k(t)}`` and
+    ``P_i = 1 / T · Σ_t s'_{i,t}``, ``s'`` the affinities ``scores [T_all, E]`` normalised per token;
+    averaged over the sequences of ``seq_index [T_all]``. Its minimum, 1, is a perfectly even load.
+    """
+    n_seq = int(seq_index.max()) + 1
+    n_exp, top_k = scores.shape[1], idx.shape[1]
+    tokens = torch.bincount(seq_index, minlength=n_seq).clamp(min=1).to(scores.dtype).unsqueeze(1)  # [S, 1]
+    picked = torch.zeros(n_seq, n_exp, dtype=scores.dtype, device=scores.device)
+    picked.index_put_((seq_index.unsqueeze(1).expand_as(idx), idx), torch.ones_like(idx, dtype=scores.dtype),
+                      accumulate=True)
+    f = picked * (n_exp / top_k) / tokens
+    share = scores / scores.sum(dim=-1, keepdim=True)
+    p = torch.zeros(n_seq, n_exp, dtype=scores.dtype, device=scores.device).index_add(0, seq_index, share) / tokens
+    return (f * p).sum(dim=1).mean()

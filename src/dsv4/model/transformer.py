@@ -59,7 +59,7 @@ class Block(nn.Module):
         x, post, comb = self._hc_pre(h, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, k)
         h = k.hc_post(self.attn(self.attn_norm(x, k), ctx), h, post, comb)
         x, post, comb = self._hc_pre(h, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, k)
-        f = self.ffn(self.ffn_norm(x, k), input_ids, executor, k, ctx.routing, self.layer_id)
+        f = self.ffn(self.ffn_norm(x, k), input_ids, executor, ctx, self.layer_id)
         return k.hc_post(f, h, post, comb)
 
     def _hc_pre(
@@ -107,7 +107,9 @@ class ModelOutput:
     logits: torch.Tensor  # [N, V], N = len(sample_index) (or T)
     hidden: torch.Tensor  # [T, n, D], before hc_head
     mtp_logits: list[torch.Tensor]  # per MTP block, [N, V]
-    aux_losses: dict[str, torch.Tensor]  # e.g. "indexer_kl": mean over ratio-4 layers
+    # "indexer_kl": mean over ratio-4 layers; "seq_balance": mean over learned-routing MoE layers
+    aux_losses: dict[str, torch.Tensor]
+    expert_load: dict[int, torch.Tensor]  # MoE layer id (MTP blocks' included) -> routed tokens per expert [E]
 
 
 class Transformer(nn.Module):
@@ -181,6 +183,7 @@ class Transformer(nn.Module):
         *,
         mtp_ids: torch.Tensor | None = None,
         indexer_loss: bool = False,
+        balance_loss: bool = False,
         routing: RoutingTrace | None = None,
     ) -> ModelOutput:
         """One step over a ragged batch; with ``pool`` the KV cache is read and extended.
@@ -188,8 +191,9 @@ class Transformer(nn.Module):
         ``mtp_ids [T]``, if given, is the token that follows each row (the MTP block's input); the
         MTP logits then predict the token after that. ``indexer_loss`` asks the backend for the
         lightning indexer's training objective (``aux_losses["indexer_kl"]``), the only path by which
-        gradients reach the indexer. ``routing`` records (or, with ``replay``, imposes) every layer's
-        expert and indexer choices.
+        gradients reach the indexer. ``balance_loss`` computes DeepSeek-V3's sequence-wise MoE balance
+        loss (``aux_losses["seq_balance"]``; a sequence is a request of the batch). ``routing`` records
+        (or, with ``replay``, imposes) every layer's expert and indexer choices.
         """
         if batch.parents is not None:
             if "shared_prefix" not in self.attn_backend.capabilities:
@@ -201,6 +205,8 @@ class Transformer(nn.Module):
         ctx.routing = routing
         if indexer_loss:
             ctx.aux = {}
+        if balance_loss:
+            ctx.balance = []
         k, ids = ctx.kernels, batch.input_ids
         h = self.embed(ids).unsqueeze(1).expand(-1, self.config.hc_mult, -1)  # [T, n, D]
         for layer in self.layers:
@@ -215,7 +221,10 @@ class Transformer(nn.Module):
                 y = block.predict(h, next_embed, mtp_ids, ctx, self.expert_executor)
                 mtp_logits.append(self.head(y if batch.sample_index is None else y[batch.sample_index], k))
         aux = {name: torch.stack(v).mean() for name, v in (ctx.aux or {}).items()}
-        return ModelOutput(logits=logits, hidden=h, mtp_logits=mtp_logits, aux_losses=aux)
+        if ctx.balance:
+            aux["seq_balance"] = torch.stack(ctx.balance).mean()
+        return ModelOutput(logits=logits, hidden=h, mtp_logits=mtp_logits, aux_losses=aux,
+                           expert_load=ctx.expert_load)
 
     def step_context(self, batch: ForwardBatch, pool: KVPool | None = None) -> StepContext:
         """Plan the step once: its kernel set (by step mode), backend metadata and the rope tables."""
@@ -225,6 +234,7 @@ class Transformer(nn.Module):
             backend=self.attn_backend,
             metadata=self.attn_backend.plan(batch, pool, k),
             positions=pos,
+            seq_index=batch.req_index,
             rope={"main": k.rope_cis(pos, self.main_inv_freq), "compress": k.rope_cis(pos, self.compress_inv_freq)},
         )
 

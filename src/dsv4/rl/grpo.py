@@ -23,6 +23,7 @@ from dsv4.engine.engine import Engine
 from dsv4.engine.sampling import SamplingParams
 from dsv4.model import Transformer
 from dsv4.rl import algorithms
+from dsv4.rl.balance import ExpertBalancer
 from dsv4.rl.policy import CompletionBatch, clone_model, completion_logprobs, pad, sync_weights
 from dsv4.rl.tasks import Problem
 
@@ -74,6 +75,11 @@ class GRPOConfig(BaseModel):
     true_on_policy: bool = False  # batch-invariant numerics on both sides: logprob diff exactly 0
     max_logprob_diff: float | None = None  # stop the run when the rollout/trainer diff exceeds this
     permute_rewards: bool = False  # control experiment: rewards shuffled within each step
+    # MoE balance (dsv4.rl.balance): the gate biases' step after each optimizer step (0: frozen, what RL
+    # on a released checkpoint usually wants) and the weight of the sequence-wise balance loss (0: off).
+    # None: 0 (dsv4 train fills both from model.bias_update_speed / model.seq_balance_loss_coef).
+    bias_update_speed: float | None = Field(default=None, ge=0)
+    seq_balance_loss_coef: float | None = Field(default=None, ge=0)
 
 
 @dataclass(slots=True)
@@ -111,6 +117,7 @@ class _Accumulated:
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     diffs: list[torch.Tensor] = field(default_factory=list)
+    balance: dict[str, object] = field(default_factory=dict)  # the last update's MoE load metrics
 
     def add(self, stats: dict[str, float], tokens: float) -> None:
         for k, v in stats.items():
@@ -147,6 +154,7 @@ class GRPOTrainer:
             **({"fused": True} if config.fused_optimizer else {}),
         )
         self.reference = clone_model(policy) if config.kl_coef > 0 else None
+        self.balancer = ExpertBalancer(policy, config.bias_update_speed or 0.0)
         self.checksum = sync_weights(policy, engine.model)
 
     # ------------------------------------------------------------------------------------------
@@ -198,7 +206,8 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------------------
     def _update(self, rollouts: list[Rollout], advantages: torch.Tensor, acc: _Accumulated) -> None:
         """One optimizer step on ``rollouts`` (whole groups), in forwards of ``micro_batch_groups`` groups
-        whose gradients add up to those of the whole mini-batch's loss."""
+        whose gradients add up to those of the whole mini-batch's loss; then the MoE bias update for the
+        routed tokens of those forwards."""
         cfg = self.config
         size = (cfg.micro_batch_groups or len(rollouts)) * cfg.group_size
         parts = [range(i, min(i + size, len(rollouts))) for i in range(0, len(rollouts), size)]
@@ -211,8 +220,9 @@ class GRPOTrainer:
             batch = CompletionBatch([r.prompt_ids + r.completion_ids for r in chunk],
                                     [len(r.prompt_ids) for r in chunk],
                                     [r.routing for r in chunk] if cfg.routing_replay else None)
-            logps, _ = completion_logprobs(self.policy, batch, replay=cfg.routing_replay,
-                                           share_prompts=cfg.share_prompt)
+            logps, out = completion_logprobs(self.policy, batch, replay=cfg.routing_replay,
+                                             balance_loss=bool(cfg.seq_balance_loss_coef), share_prompts=cfg.share_prompt)
+            self.balancer.observe(out.expert_load)
             logp, mask = pad(logps)
             old, _ = pad([torch.tensor(r.behaviour_logprobs) for r in chunk])
             if first_update:
@@ -227,6 +237,10 @@ class GRPOTrainer:
                 clip_high=cfg.clip_high, ref_logp=ref, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
                 loss_norm=cfg.loss_norm, max_len=cfg.max_new_tokens,
             )
+            if "seq_balance" in out.aux_losses:
+                balance = out.aux_losses["seq_balance"]
+                loss = loss + (cfg.seq_balance_loss_coef or 0.0) * balance
+                stats["seq_balance_loss"] = float(balance.detach())
             # The mini-batch's loss is this part's, weighted by its share of the normaliser.
             share = float(mask.sum()) / tokens if cfg.loss_norm == "token" else len(chunk) / len(rollouts)
             torch.autograd.backward(loss if len(parts) == 1 else loss * share)
@@ -234,10 +248,11 @@ class GRPOTrainer:
             acc.add(stats, float(mask.sum()))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
         self.optimizer.step()
+        acc.balance = self.balancer.step()
         acc.losses.append(loss_total)
         acc.grad_norms.append(float(grad_norm))
 
-    def step(self, step: int) -> dict[str, float]:
+    def step(self, step: int) -> dict[str, object]:
         """One GRPO update; returns the step's metrics."""
         cfg = self.config
         t0 = time.perf_counter()
@@ -247,7 +262,7 @@ class GRPOTrainer:
             group["lr"] = lr
         data = self._collect(step)
         t_rollout = time.perf_counter() - t0
-        metrics: dict[str, float] = {
+        metrics: dict[str, object] = {
             # over everything sampled (the policy's quality); the trained-on subset is biased by filtering
             "reward_mean": _mean(data.all_rewards),
             "trained_reward_mean": _mean([r.reward for r in data.rollouts]),
@@ -282,6 +297,7 @@ class GRPOTrainer:
         self.policy.eval()
         self.checksum = sync_weights(self.policy, self.engine.model)
         diff = torch.cat(acc.diffs) if acc.diffs else torch.zeros(0)
+        diff_max = float(diff.max()) if diff.numel() else 0.0
         metrics.update(
             {f"policy_{k}": v / acc.weight[k] for k, v in acc.stats.items()},
             loss=_mean(acc.losses),
@@ -289,15 +305,16 @@ class GRPOTrainer:
             optimizer_steps=float(len(acc.grad_norms)),
             lr=lr,
             accuracy=_mean([float(r.correct) for r in data.rollouts]),
-            rollout_vs_train_logprob_abs_diff_max=float(diff.max()) if diff.numel() else 0.0,
+            rollout_vs_train_logprob_abs_diff_max=diff_max,
             rollout_vs_train_logprob_abs_diff_mean=float(diff.mean()) if diff.numel() else 0.0,
             completion_tokens=float(sum(len(r.completion_ids) for r in data.rollouts)),
             rollout_seconds=t_rollout,
             step_seconds=time.perf_counter() - t0,
+            **acc.balance,
         )
-        if cfg.max_logprob_diff is not None and metrics["rollout_vs_train_logprob_abs_diff_max"] > cfg.max_logprob_diff:
+        if cfg.max_logprob_diff is not None and diff_max > cfg.max_logprob_diff:
             raise RuntimeError(
-                f"rollout_vs_train_logprob_abs_diff_max = {metrics['rollout_vs_train_logprob_abs_diff_max']:.3g} "
+                f"rollout_vs_train_logprob_abs_diff_max = {diff_max:.3g} "
                 f"exceeds max_logprob_diff = {cfg.max_logprob_diff}: the engine and the trainer disagree"
             )
         return metrics

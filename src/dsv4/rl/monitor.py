@@ -32,6 +32,7 @@ __all__ = [
     "MetricBands",
     "MetricsLog",
     "plot_curves",
+    "plot_expert_load",
     "plot_runs",
     "read_metrics",
     "replace_atomically",
@@ -205,6 +206,34 @@ def plot_curves(
         ax.set_visible(False)
     if title:
         fig.suptitle(title)
+    return _save_png(fig, png_path)
+
+
+def plot_expert_load(jsonl_path: str | os.PathLike[str], png_path: str | os.PathLike[str]) -> Path:
+    """Heatmaps of the MoE load a training log records (``moe/load``, :func:`dsv4.rl.balance.load_metrics`):
+    one panel per layer, x = step, y = expert, colour = the expert's share of the layer's routed tokens
+    that step (``1/E`` everywhere is a perfect balance). Raises ``ValueError`` when the log has none."""
+    records = [r for r in read_metrics(jsonl_path) if isinstance(r.get("moe/load"), dict)]
+    if not records:
+        raise ValueError(f"{jsonl_path} records no expert load (moe/load)")
+    layers = sorted({layer for r in records for layer in r["moe/load"]}, key=int)
+    cols = min(len(layers), 3)
+    rows = math.ceil(len(layers) / cols)
+    fig = Figure(figsize=(4.5 * cols, 3.2 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, layer in zip(axes, layers):
+        steps = [r for r in records if layer in r["moe/load"]]
+        counts = torch.tensor([r["moe/load"][layer] for r in steps], dtype=torch.float64)  # [steps, E]
+        share = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+        xs = [int(r["step"]) for r in steps]
+        image = ax.imshow(share.t().numpy(), aspect="auto", interpolation="nearest", cmap="viridis", vmin=0,
+                          extent=(xs[0] - 0.5, xs[-1] + 0.5, share.shape[1] - 0.5, -0.5))
+        fig.colorbar(image, ax=ax, label="share of routed tokens")
+        ax.set_title(f"layer {layer}: expert load (even = {1 / share.shape[1]:.2f})", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("expert")
+    for ax in axes[len(layers):]:
+        ax.set_visible(False)
     return _save_png(fig, png_path)
 
 

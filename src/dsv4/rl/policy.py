@@ -14,6 +14,7 @@ from dsv4.core.interfaces import RoutingTrace
 from dsv4.core.numerics import token_logprobs
 from dsv4.engine.outputs import Routing
 from dsv4.model import Transformer
+from dsv4.model.transformer import ModelOutput
 
 __all__ = ["CompletionBatch", "WeightSyncError", "clone_model", "completion_logprobs", "sync_weights",
            "weights_checksum"]
@@ -124,8 +125,9 @@ def completion_logprobs(
     *,
     replay: bool = False,
     indexer_loss: bool = False,
+    balance_loss: bool = False,
     share_prompts: bool = False,
-) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+) -> tuple[list[torch.Tensor], ModelOutput]:
     """Logprob of every completion token under ``model`` (one tensor per sequence), differentiable.
 
     Computed with :func:`dsv4.core.numerics.token_logprobs`, the same function the engine uses for
@@ -134,7 +136,8 @@ def completion_logprobs(
     ``share_prompts`` computes the prompts' common start once and each distinct prompt once for all its
     completions (a group's G completions cost one prompt, not G; the same logprobs and gradients up to
     summation order, and bit for bit in batch-invariant mode); the indexer's objective then counts
-    those rows once.
+    those rows once. Also returns the forward's output (its auxiliary losses, ``balance_loss`` asking
+    for the MoE balance loss, and its routed-token counts).
     """
     device = model.embed.weight.device
     layout = _layout(batch, share_prompts)
@@ -143,12 +146,13 @@ def completion_logprobs(
     idx = torch.tensor([r for rows in layout.rows for r in rows], device=device)
     if share_prompts:  # logits of the predicting rows only
         fb = replace(fb, sample_index=idx)
-    out = model.run(fb, routing=_replay(batch, layout) if replay else None, indexer_loss=indexer_loss)
+    out = model.run(fb, routing=_replay(batch, layout) if replay else None, indexer_loss=indexer_loss,
+                    balance_loss=balance_loss)
     logits = out.logits if share_prompts else out.logits[idx]
     targets = torch.tensor([t for seq, p in zip(batch.sequences, batch.prompt_lens, strict=True) for t in seq[p:]],
                            device=device)
     lp = token_logprobs(logits, targets, model.invariant)
-    return list(torch.split(lp, [len(rows) for rows in layout.rows])), out.aux_losses
+    return list(torch.split(lp, [len(rows) for rows in layout.rows])), out
 
 
 def weights_checksum(model: torch.nn.Module) -> str:

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from loguru import logger
@@ -30,7 +30,7 @@ from dsv4.engine.tokenizer import Tokenizer
 from dsv4.model import Transformer, build_model, load_model, save_model
 from dsv4.rl.dataset import DataConfig, Dataset, EpochSampler
 from dsv4.rl.grpo import GRPOConfig, GRPOTrainer, greedy_accuracy
-from dsv4.rl.monitor import MetricBands, MetricsLog, plot_curves, replace_atomically
+from dsv4.rl.monitor import MetricBands, MetricsLog, plot_curves, plot_expert_load, read_metrics, replace_atomically
 from dsv4.rl.policy import clone_model, sync_weights
 from dsv4.rl.sft import SFTConfig, SFTTrainer
 from dsv4.rl.state import (
@@ -59,6 +59,15 @@ ADDITION_MODEL: dict[str, Any] = dict(
     index_head_dim=32, index_topk=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
     routed_scaling_factor=1.5, swiglu_limit=10.0, max_position_embeddings=64, num_nextn_predict_layers=1,
 )
+
+# model.* keys that set how the MoE gates train (dsv4.rl.balance) rather than ModelConfig fields:
+# the bias update's speed (default 0.001 for a fresh model, 0 from init_from: RL on a released
+# checkpoint usually keeps its biases) and the sequence-wise balance loss's weight (default 0). They
+# reach both phases unless sft.* / grpo.* set their own.
+BALANCE_KEYS: dict[str, tuple[float, float]] = {  # key -> (default fresh, default from init_from)
+    "bias_update_speed": (0.001, 0.0),
+    "seq_balance_loss_coef": (0.0, 0.0),
+}
 
 _RECIPE_ENGINE: dict[str, Any] = dict(max_model_len=32, max_num_seqs=512, max_num_batched_tokens=8192)
 
@@ -99,11 +108,21 @@ class TrainConfig(RunConfigModel):
     @model_validator(mode="after")
     def _model_keys_exist(self) -> TrainConfig:
         # Caught here, naming `model.<key>`, rather than when the model is built inside the run.
-        unknown = sorted(set(self.model) - set(ModelConfig.model_fields))
+        unknown = sorted(set(self.model) - set(ModelConfig.model_fields) - set(BALANCE_KEYS))
         if unknown:
             raise ValueError(f"unknown model key(s) {', '.join(f'model.{k}' for k in unknown)}; "
-                             "model.* takes the fields of dsv4.core.config.ModelConfig")
+                             "model.* takes the fields of dsv4.core.config.ModelConfig and "
+                             f"{', '.join(BALANCE_KEYS)}")
+        for key in BALANCE_KEYS:
+            value = self.model.get(key, 0.0)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"model.{key} must be a number >= 0, got {value!r}")
         return self
+
+    def balance(self, key: str) -> float:
+        """``model.<key>`` of :data:`BALANCE_KEYS`, or its default for this run (fresh model or init_from)."""
+        fresh, loaded = BALANCE_KEYS[key]
+        return float(self.model.get(key, loaded if self.init_from else fresh))
 
     @model_validator(mode="after")
     def _digit_weights_fit(self) -> TrainConfig:
@@ -160,7 +179,7 @@ def run_recipe(config: TrainConfig) -> dict[str, Any]:
     summary["initial_accuracy"] = evaluate()
 
     # ---------------------------------------------------------------- SFT warm start (to a band)
-    sft = SFTTrainer(policy, tokenizer, task.sft_problems, config.sft)
+    sft = SFTTrainer(policy, tokenizer, task.sft_problems, _with_balance(config.sft, config))
     lo, hi = config.sft.target_accuracy
     sft_state = _resume(out / "sft" / "ckpt", policy, sft.optimizer)
     done = bool(sft_state.get("extra", {}).get("done"))
@@ -181,11 +200,12 @@ def run_recipe(config: TrainConfig) -> dict[str, Any]:
             if done or step % config.checkpoint_every == 0 or step == config.sft.max_steps:
                 _save(out / "sft" / "ckpt", policy, sft.optimizer, step, {"done": done, "accuracy": acc}, tok_dir)
         bar.close()
-    _plot(out / "sft_metrics.jsonl", out / "sft_curves.png", ("loss", "lm_loss", "mtp_loss", "accuracy"))
+    _plot(out / "sft_metrics.jsonl", out / "sft_curves.png",
+          ("loss", "lm_loss", "mtp_loss", "accuracy", "moe/load_max_over_mean", "moe/dead_expert_share"))
     summary.update(sft_steps=step, sft_accuracy=acc, sft_in_band=lo <= acc <= hi)
 
     # ---------------------------------------------------------------- GRPO with the verifier
-    grpo_cfg = config.grpo.model_copy(update={"max_new_tokens": task.max_new_tokens})
+    grpo_cfg = _with_balance(config.grpo, config).model_copy(update={"max_new_tokens": task.max_new_tokens})
     grpo = GRPOTrainer(policy, engine, verifier, task.grpo_problems, grpo_cfg, seed=config.seed)
     grpo_state = _resume(out / "grpo" / "ckpt", policy, grpo.optimizer)
     if grpo_state:
@@ -211,8 +231,10 @@ def run_recipe(config: TrainConfig) -> dict[str, Any]:
                 _save(out / "grpo" / "ckpt", policy, grpo.optimizer, step, {"checksum": grpo.checksum}, tok_dir)
         bar.close()
     _plot(out / "grpo_metrics.jsonl", out / "grpo_curves.png",
-          ("reward_mean", "accuracy", "heldout_accuracy", "rollout_vs_train_logprob_abs_diff_max"))
+          ("reward_mean", "accuracy", "heldout_accuracy", "rollout_vs_train_logprob_abs_diff_max",
+           "moe/load_max_over_mean"))
     summary.update(final_accuracy=evaluate(), grpo_steps=step, weights_checksum=grpo.checksum)
+    summary.update(_imbalance(out))
     final = out / "final"
     save_model(policy, final)
     for f in tok_dir.iterdir():
@@ -327,7 +349,7 @@ def _policy(config: TrainConfig, tokenizer: Tokenizer) -> Transformer:
     if config.init_from:
         model = load_model(config.init_from)
     else:
-        overrides = dict(config.model)
+        overrides = {k: v for k, v in config.model.items() if k not in BALANCE_KEYS}
         if config.task == "jsonl":  # the special ids of the tokenizer, unless model.* sets them
             overrides.setdefault("bos_token_id", tokenizer.bos_token_id)
             overrides.setdefault("eos_token_ids", tokenizer.eos_token_ids)
@@ -340,6 +362,15 @@ def _policy(config: TrainConfig, tokenizer: Tokenizer) -> Transformer:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
                          f"{model.config.vocab_size}: {fix}")
     return model
+
+
+_Phase = TypeVar("_Phase", SFTConfig, GRPOConfig)
+
+
+def _with_balance(phase: _Phase, config: TrainConfig) -> _Phase:
+    """The phase's config with the run's MoE balance settings where the phase sets none."""
+    unset = {k: config.balance(k) for k in BALANCE_KEYS if getattr(phase, k) is None}
+    return phase.model_copy(update=unset)
 
 
 def _resume(ckpt: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -357,9 +388,23 @@ def _save(ckpt: Path, model: Transformer, optimizer: torch.optim.Optimizer, step
                         assets_dir=assets)
 
 
+def _imbalance(out: Path) -> dict[str, float]:
+    """``moe/load_max_over_mean`` at the first SFT step and the last SFT and GRPO steps, where logged."""
+    found: dict[str, float] = {}
+    for phase, which in (("sft", 0), ("sft", -1), ("grpo", -1)):
+        log = out / f"{phase}_metrics.jsonl"
+        records = [r for r in read_metrics(log) if "moe/load_max_over_mean" in r] if log.is_file() else []
+        if records:
+            name = f"moe_load_max_over_mean_{'first' if which == 0 else 'last'}_{phase}"
+            found[name] = float(records[which]["moe/load_max_over_mean"])
+    return found
+
+
 def _plot(jsonl: Path, png: Path, keys: tuple[str, ...]) -> None:
+    """The phase's curves, and its expert-load heatmap beside them (``<phase>_expert_load.png``)."""
     try:
         plot_curves(jsonl, png, keys=keys)
+        plot_expert_load(jsonl, png.with_name(png.name.replace("_curves", "_expert_load")))
     except ValueError as e:  # nothing logged yet (e.g. a phase with zero steps)
         logger.info("no curves for {}: {}", jsonl.name, e)
 

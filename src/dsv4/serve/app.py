@@ -316,6 +316,7 @@ def _engine_snapshot(engine: Engine) -> dict[str, Any]:
         "running": len(getattr(sched, "running", ())),
         "waiting": len(getattr(sched, "waiting", ())),
         "pages": {s: (pool.pages_used(s), pool.pages_free(s)) for s in pool.streams},
+        "expert_load": engine.expert_load(),
     }
 
 

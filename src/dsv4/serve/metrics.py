@@ -32,6 +32,9 @@ class ServerMetrics:
         self.pages_used = Gauge("dsv4_kv_pages_used", "KV pool pages in use", ["pool"], registry=r)
         self.pages_free = Gauge("dsv4_kv_pages_free", "KV pool pages free", ["pool"], registry=r)
         self.aborted = Counter("dsv4_requests_aborted", "Requests aborted (client gone, shutdown)", registry=r)
+        self.routed_tokens = Counter("dsv4_moe_routed_tokens", "Tokens routed to each expert of each MoE layer",
+                                     ["layer", "expert"], registry=r)
+        self._routed_seen: dict[tuple[int, int], int] = {}
 
     def update_engine(self, snapshot: Mapping[str, object]) -> None:
         """Set the gauges from an engine snapshot (see ``dsv4.serve.app``)."""
@@ -42,6 +45,13 @@ class ServerMetrics:
         for pool, (used, free) in pages.items():
             self.pages_used.labels(pool).set(used)
             self.pages_free.labels(pool).set(free)
+        load = snapshot.get("expert_load", {})
+        assert isinstance(load, dict)
+        for layer, counts in load.items():  # the engine's totals since start -> counter increments
+            for expert, total in enumerate(counts):  # every expert has a series: an idle one shows 0
+                new = total - self._routed_seen.get((layer, expert), 0)
+                self.routed_tokens.labels(str(layer), str(expert)).inc(max(new, 0))
+                self._routed_seen[layer, expert] = max(total, self._routed_seen.get((layer, expert), 0))
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""
