@@ -194,7 +194,50 @@ def _train(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 # Parser
 # --------------------------------------------------------------------------------------------------
-_SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (_add_plugins, _add_serve, _add_batch, _add_train)
+# --------------------------------------------------------------------------------------------------
+# dsv4 inspect
+# --------------------------------------------------------------------------------------------------
+def _add_inspect(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="plan a deployment from config.json alone: parameters, bytes by dtype, KV cache, memory per device",
+        description="Builds the model on the meta device (no weights are read or needed); with a checkpoint "
+                    "directory, --weights stored reads the dtypes from its safetensors headers.",
+    )
+    parser.add_argument("--model", required=True, help="checkpoint directory or config.json")
+    parser.add_argument("--weights", default="stored", choices=("stored", "fp8", "int8", "dequantized"),
+                        help="weight format (default: as stored)")
+    parser.add_argument("--dtype", default="bfloat16", help="dtype of dense tensors (default bfloat16)")
+    parser.add_argument("--kv-dtype", default="bfloat16", help="KV cache dtype (default bfloat16)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size")
+    parser.add_argument("--context", type=int, default=4096, help="tokens per request")
+    parser.add_argument("--batch", type=int, default=1, help="requests held at once")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.set_defaults(run=_inspect)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from dsv4.checkpoint.plan import plan_deployment
+
+    plan = plan_deployment(args.model, weights=args.weights, dtype=args.dtype, kv_dtype=args.kv_dtype, tp=args.tp,
+                           ep=args.ep, context=args.context, batch=args.batch)
+    if args.json:
+        print(json.dumps({
+            "parameters": plan.parameters, "mtp_parameters": plan.mtp_parameters,
+            "active_parameters": plan.active_parameters, "weights": plan.weights, "exact": plan.exact,
+            "weight_bytes": plan.weight_bytes, "bytes_by_dtype": plan.bytes_by_dtype(),
+            "kv_dtype": plan.kv_dtype, "kv_bytes_per_token": plan.kv_bytes_per_token,
+            "kv_bytes_per_request": plan.kv_bytes_per_request, "tp": plan.tp, "ep": plan.ep,
+            "weight_bytes_per_device": plan.weight_bytes_per_device(), "memory_per_device": plan.memory_per_device(),
+        }, indent=2))
+    else:
+        print(plan.report())
+    return 0
+
+
+_SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (_add_plugins, _add_serve, _add_batch, _add_train,
+                                                           _add_inspect)
 
 
 def _parser() -> argparse.ArgumentParser:
