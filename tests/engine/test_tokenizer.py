@@ -388,6 +388,160 @@ def test_deepseek_v4_unknown_role(tok: Tokenizer) -> None:
         tok.apply_chat_template([{"role": "narrator", "content": "Once"}])
 
 
+# ---------------------------------------------------------------------------------------------- DeepSeek-V4 goldens
+# Prompts of DeepSeek's reference encoder (encoding_dsv4.encode_messages, DeepSeek-V4-Flash release) for these
+# conversations, its request-level tools put on the first system message (an empty one added), as SGLang does.
+DSV4_TOOLS_HEAD = (
+    "\n\n## Tools\n\n"
+    "You have access to a set of tools to help answer the user's question. You can invoke tools by writing a "
+    "\"<｜DSML｜tool_calls>\" block like the following:\n\n"
+    "<｜DSML｜tool_calls>\n"
+    "<｜DSML｜invoke name=\"$TOOL_NAME\">\n"
+    "<｜DSML｜parameter name=\"$PARAMETER_NAME\" string=\"true|false\">$PARAMETER_VALUE</｜DSML｜parameter>\n"
+    "...\n"
+    "</｜DSML｜invoke>\n"
+    "<｜DSML｜invoke name=\"$TOOL_NAME2\">\n"
+    "...\n"
+    "</｜DSML｜invoke>\n"
+    "</｜DSML｜tool_calls>\n\n"
+    "String parameters should be specified as is and set `string=\"true\"`. For all other types (numbers, booleans, "
+    "arrays, objects), pass the value in JSON format and set `string=\"false\"`.\n\n"
+    "If thinking_mode is enabled (triggered by <think>), you MUST output your complete reasoning inside "
+    "<think>...</think> BEFORE any tool calls or final response.\n\n"
+    "Otherwise, output directly after </think> with tool calls or final response.\n\n"
+    "### Available Tool Schemas\n\n"
+)
+DSV4_TOOLS_TAIL = ("\n\nYou MUST strictly follow the above defined tool name and parameter schemas to invoke tool "
+                   "calls.\n")
+DSV4_EFFORT_MAX = (
+    "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
+    "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the root cause, "
+    "rigorously stress-testing your logic against all potential paths, edge cases, and adversarial scenarios.\n"
+    "Explicitly write out your entire deliberation process, documenting every intermediate step, considered "
+    "alternative, and rejected hypothesis to ensure absolutely no assumption is left unchecked.\n\n"
+)
+GOLDEN_TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city, in °C",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                       "required": ["city"]}}},
+    # key order as sent: the schema is rendered as given
+    {"type": "function", "function": {
+        "name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "number"},
+                                                                       "b": {"type": "number"}}},
+        "description": "a+b"}},
+]
+WEATHER_SCHEMA = ('{"name": "get_weather", "description": "Current weather in a city, in °C", "parameters": '
+                  '{"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, '
+                  '"required": ["city"]}}')
+ADD_SCHEMA = ('{"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "number"}, '
+              '"b": {"type": "number"}}}, "description": "a+b"}')
+GOLDEN_CALLS = [
+    {"id": "call_a", "type": "function",
+     "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}},
+    {"id": "call_b", "type": "function",
+     "function": {"name": "add", "arguments": '{"a": 1.5, "b": [1, {"x": null}], "flag": true, "s": "find /tmp"}'}},
+]
+WEATHER_CALL = (
+    '<｜DSML｜invoke name="get_weather">\n'
+    '<｜DSML｜parameter name="city" string="true">Paris</｜DSML｜parameter>\n'
+    '<｜DSML｜parameter name="days" string="false">2</｜DSML｜parameter>\n'
+    "</｜DSML｜invoke>"
+)
+ADD_CALL = (
+    '<｜DSML｜invoke name="add">\n'
+    '<｜DSML｜parameter name="a" string="false">1.5</｜DSML｜parameter>\n'
+    '<｜DSML｜parameter name="b" string="false">[1, {"x": null}]</｜DSML｜parameter>\n'
+    '<｜DSML｜parameter name="flag" string="false">true</｜DSML｜parameter>\n'
+    '<｜DSML｜parameter name="s" string="true">find /tmp</｜DSML｜parameter>\n'
+    "</｜DSML｜invoke>"
+)
+GOLDEN: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]] | None, dict[str, Any], str]] = [
+    ("chat-multi-turn",
+     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
+      {"role": "assistant", "content": "Hello!", "reasoning_content": "greet"}, {"role": "user", "content": "1+1?"}],
+     None, {},
+     f"{BOS}You are terse.<｜User｜>Hi<｜Assistant｜></think>Hello!{EOS}<｜User｜>1+1?<｜Assistant｜></think>"),
+    ("thinking-drops-earlier-reasoning",
+     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "reasoning_content": "greet"},
+      {"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2", "reasoning_content": "add"}],
+     None, {"thinking": True},
+     f"{BOS}<｜User｜>Hi<｜Assistant｜></think>Hello!{EOS}<｜User｜>1+1?<｜Assistant｜><think>add</think>2{EOS}"),
+    ("thinking-keeps-reasoning",
+     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "reasoning_content": "greet"},
+      {"role": "user", "content": "1+1?"}],
+     None, {"thinking": True, "drop_thinking": False},
+     f"{BOS}<｜User｜>Hi<｜Assistant｜><think>greet</think>Hello!{EOS}<｜User｜>1+1?<｜Assistant｜><think>"),
+    ("tools-results-reordered-and-merged",
+     [{"role": "user", "content": "Weather in Paris, and 1.5 plus a list?"},
+      {"role": "assistant", "content": "Checking.", "tool_calls": GOLDEN_CALLS},
+      {"role": "tool", "tool_call_id": "call_b", "content": "2.5"},
+      {"role": "tool", "tool_call_id": "call_a", "content": "sunny, 21"},
+      {"role": "user", "content": "Thanks"}],
+     GOLDEN_TOOLS, {},
+     f"{BOS}{DSV4_TOOLS_HEAD}{WEATHER_SCHEMA}\n{ADD_SCHEMA}{DSV4_TOOLS_TAIL}"
+     "<｜User｜>Weather in Paris, and 1.5 plus a list?<｜Assistant｜></think>Checking.\n\n"
+     f"<｜DSML｜tool_calls>\n{WEATHER_CALL}\n{ADD_CALL}\n</｜DSML｜tool_calls>{EOS}"
+     "<｜User｜><tool_result>sunny, 21</tool_result>\n\n<tool_result>2.5</tool_result>\n\nThanks<｜Assistant｜></think>"),
+    ("tools-thinking-keeps-reasoning",
+     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"},
+      {"role": "assistant", "content": "", "reasoning_content": "need the tool", "tool_calls": GOLDEN_CALLS[:1]},
+      {"role": "tool", "tool_call_id": "call_a", "content": [{"type": "text", "text": "sunny"},
+                                                               {"type": "text", "text": "21"}]}],
+     GOLDEN_TOOLS[:1], {"thinking": True},
+     f"{BOS}Be brief.{DSV4_TOOLS_HEAD}{WEATHER_SCHEMA}{DSV4_TOOLS_TAIL}"
+     f"<｜User｜>Weather?<｜Assistant｜><think>need the tool</think>\n\n<｜DSML｜tool_calls>\n{WEATHER_CALL}\n"
+     f"</｜DSML｜tool_calls>{EOS}<｜User｜><tool_result>sunny\n\n21</tool_result><｜Assistant｜><think>"),
+    ("effort-max-thinking",
+     [{"role": "system", "content": "S"}, {"role": "user", "content": "Prove it."}],
+     None, {"thinking": True, "reasoning_effort": "max"},
+     f"{BOS}{DSV4_EFFORT_MAX}S<｜User｜>Prove it.<｜Assistant｜><think>"),
+    ("effort-max-chat", [{"role": "user", "content": "Prove it."}], None, {"reasoning_effort": "max"},
+     f"{BOS}<｜User｜>Prove it.<｜Assistant｜></think>"),
+    ("effort-high-thinking", [{"role": "user", "content": "Prove it."}], None,
+     {"thinking": True, "reasoning_effort": "high"}, f"{BOS}<｜User｜>Prove it.<｜Assistant｜><think>"),
+    ("developer-reminder-no-eos",  # the reference's search-agent roles, reachable through the Python API
+     [{"role": "system", "content": "Search agent."},
+      {"role": "developer", "content": "Use the results.",
+       "tools": [{"type": "function", "function": {"name": "search", "parameters": {}}}]},
+      {"role": "user", "content": "Who won?"}, {"role": "latest_reminder", "content": "Today is Monday."},
+      {"role": "assistant", "content": "Team A.", "reasoning_content": "look", "wo_eos": True}],
+     None, {"thinking": True},
+     f"{BOS}Search agent.<｜User｜>Use the results.{DSV4_TOOLS_HEAD}"
+     '{"name": "search", "parameters": {}}'
+     f"{DSV4_TOOLS_TAIL}<｜User｜>Who won?<｜Assistant｜><think><｜latest_reminder｜>Today is Monday.look</think>Team A."),
+    ("task-action", [{"role": "user", "content": "Classify: fix the bug", "task": "action"},
+                     {"role": "assistant", "content": "code"}], None, {},
+     f"{BOS}<｜User｜>Classify: fix the bug<｜Assistant｜></think><｜action｜>code{EOS}"),
+    ("call-without-arguments",
+     [{"role": "user", "content": "q"},
+      {"role": "assistant", "content": None, "tool_calls": [
+          {"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+      {"role": "tool", "tool_call_id": "t1", "content": "done"}], None, {},
+     f'{BOS}<｜User｜>q<｜Assistant｜></think>\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n\n</｜DSML｜invoke>\n'
+     f"</｜DSML｜tool_calls>{EOS}<｜User｜><tool_result>done</tool_result><｜Assistant｜></think>"),
+]
+
+
+@pytest.mark.parametrize(("messages", "tools", "kwargs", "expected"), [g[1:] for g in GOLDEN],
+                         ids=[g[0] for g in GOLDEN])
+def test_deepseek_v4_matches_reference_encoder(
+    tok: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, kwargs: dict[str, Any],
+    expected: str,
+) -> None:
+    assert tok.apply_chat_template(messages, tools=tools, **kwargs) == expected
+
+
+def test_deepseek_v4_reasoning_effort_is_checked(tok: Tokenizer) -> None:
+    with pytest.raises(ValueError, match='reasoning_effort must be "high", "max" or none'):
+        tok.apply_chat_template([{"role": "user", "content": "x"}], thinking=True, reasoning_effort="medium")
+
+
+def test_deepseek_v4_unknown_task(tok: Tokenizer) -> None:
+    with pytest.raises(ValueError, match='unknown task "dance"'):
+        tok.apply_chat_template([{"role": "user", "content": "x", "task": "dance"}])
+
+
 # ---------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     ("messages", "match"),
@@ -421,6 +575,18 @@ def test_broken_templates(tmp_path: Path, template: str, match: str) -> None:
     with pytest.raises(ValueError, match=match) as info:
         tok.apply_chat_template([{"role": "user", "content": "x"}])
     assert str(tmp_path) in str(info.value)
+
+
+def test_text_that_is_not_unicode_is_a_value_error(tok: Tokenizer) -> None:
+    # JSON's "\\ud800" escape decodes to a lone surrogate, which the Rust tokenizer refuses with a TypeError
+    with pytest.raises(ValueError, match=r"lone surrogate '\\ud800' at index 2"):
+        tok.encode("ab\ud800")
+
+
+def test_template_meeting_unexpected_input_is_a_value_error(tmp_path: Path) -> None:
+    tok = Tokenizer.from_pretrained(_with_template(tmp_path, "{{ messages[0].content + 1 }}"))
+    with pytest.raises(ValueError, match="cannot render these messages: TypeError"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
 
 
 def test_messages_are_not_changed(tok: Tokenizer) -> None:

@@ -2,8 +2,8 @@
 
 Test modules cannot import this file (``--import-mode=importlib``), so the helpers are fixtures:
 ``serve_model_dir`` (a checkpoint with a 512-id byte tokenizer), ``launch_server`` (a uvicorn server on
-127.0.0.1 in a background thread, port 0) and ``kv_pages_used`` (pages held in every KV pool, read on
-the engine thread).
+127.0.0.1 in a background thread, port 0; ``aengine_class=`` swaps the :class:`AsyncEngine`, e.g. for one
+that answers from a script) and ``kv_pages_used`` (pages held in every KV pool, read on the engine thread).
 """
 
 from __future__ import annotations
@@ -103,12 +103,13 @@ def serve_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @contextmanager
 def _running(
     model_dir: Path, *, api_key: str | None = None, max_pending: int | None = 256,
-    max_body_bytes: int = 1 << 16, shutdown_timeout: float = 5.0, **engine_options: Any,
+    max_body_bytes: int = 1 << 16, shutdown_timeout: float = 5.0, aengine_class: type[AsyncEngine] = AsyncEngine,
+    **engine_options: Any,
 ) -> Iterator[RunningServer]:
     engine_options.setdefault("max_model_len", MAX_MODEL_LEN)
     engine_options.setdefault("max_num_seqs", 16)
     engine = Engine(model_dir, **engine_options)
-    aengine = AsyncEngine(engine, max_pending=max_pending)
+    aengine = aengine_class(engine, max_pending=max_pending)
     app = build_app(aengine, model_name=MODEL_NAME, api_key=api_key, max_body_bytes=max_body_bytes,
                     shutdown_timeout=shutdown_timeout)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
@@ -140,7 +141,8 @@ def _running(
 
 @pytest.fixture(scope="session")
 def launch_server(serve_model_dir: Path) -> Callable[..., AbstractContextManager[RunningServer]]:
-    """``with launch_server(api_key=..., max_pending=..., **engine_options) as srv:`` a live server."""
+    """``with launch_server(api_key=..., max_pending=..., aengine_class=..., **engine_options) as srv:`` a live
+    server."""
 
     def launch(**options: Any) -> AbstractContextManager[RunningServer]:
         return _running(serve_model_dir, **options)

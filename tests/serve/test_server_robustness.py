@@ -158,6 +158,92 @@ BAD: list[tuple[str, str, dict[str, Any], int, str, str | None]] = [
     ("generate-ids-and-text", "/generate", {"json": {"input_ids": [5], "text": "x"}}, 400, "exactly one",
      "input_ids"),
     ("detokenize-bad-id", "/detokenize", {"json": {"tokens": [-1]}}, 400, "outside the vocabulary", "tokens"),
+    # text that is not valid Unicode: JSON's "\ud800" escape decodes to a lone surrogate
+    ("surrogate-prompt", "/v1/completions", {"content": b'{"prompt": "ab\\ud800"}', "headers": JSON}, 400,
+     "not valid Unicode", "prompt"),
+    ("surrogate-prompt-list", "/v1/completions", {"content": b'{"prompt": ["ok", "\\udfff"]}', "headers": JSON},
+     400, "lone surrogate", "prompt.1"),
+    ("surrogate-message", "/v1/chat/completions",
+     {"content": b'{"messages": [{"role": "user", "content": "hi \\ud83d"}], "stream": true}', "headers": JSON},
+     400, "not valid Unicode", "messages.0.content"),
+    ("surrogate-text-part", "/v1/chat/completions",
+     {"content": b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+      "headers": JSON}, 400, "not valid Unicode", "messages.0.content.0.text"),
+    ("surrogate-key", "/v1/chat/completions",
+     {"content": b'{"messages": [{"role": "user", "content": "x", "\\ud800": 1}]}', "headers": JSON}, 400,
+     "a key holds a lone surrogate", "messages.0"),
+    ("surrogate-stop", "/v1/completions", {"content": b'{"prompt": "x", "stop": ["\\ud800"]}', "headers": JSON},
+     400, "not valid Unicode", "stop.0"),
+    ("surrogate-tool", "/v1/chat/completions",
+     {"content": b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": '
+                 b'{"name": "f", "description": "\\ud800"}}]}', "headers": JSON},
+     400, "not valid Unicode", "tools.0.function.description"),
+    ("surrogate-generate", "/generate", {"content": b'{"text": "\\ud800"}', "headers": JSON}, 400,
+     "not valid Unicode", "text"),
+    ("surrogate-tokenize", "/tokenize", {"content": b'{"prompt": "\\ud800"}', "headers": JSON}, 400,
+     "not valid Unicode", "prompt"),
+    ("not-utf8-body", "/v1/completions", {"content": b'{"prompt": "\xff\xfe"}', "headers": JSON}, 400,
+     "not valid JSON", "body"),
+    ("deeply-nested", "/v1/chat/completions", {"content": b"[" * 30_000 + b"]" * 30_000, "headers": JSON}, 400,
+     "not valid JSON", "body"),
+    ("deeply-nested-field", "/v1/completions",
+     {"content": b'{"prompt": "x", "user": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", "headers": JSON}, 400,
+     "not valid JSON", "body"),
+    # images, audio, files: this model reads text
+    ("image-part", "/v1/chat/completions",
+     {"json": {"messages": [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                                          {"type": "image_url", "image_url": {"url": "x"}}]}]}},
+     400, "this model takes text only", "messages.0.content"),
+    ("audio-part", "/v1/chat/completions",
+     {"json": {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}},
+     400, "this model takes text only", "messages.0.content"),
+    ("untyped-part", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": [{"text": "x"}]}]}},
+     400, "this model takes text only", "messages.0.content"),
+    # booleans are booleans
+    ("stream-yes", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "x"}], "stream": "yes"}},
+     400, "valid boolean", "stream"),
+    ("stream-one", "/v1/completions", {"json": {"prompt": "x", "stream": 1}}, 400, "valid boolean", "stream"),
+    ("echo-string", "/v1/completions", {"json": {"prompt": "x", "echo": "true"}}, 400, "valid boolean", "echo"),
+    ("logprobs-int", "/v1/chat/completions",
+     {"json": {"messages": [{"role": "user", "content": "x"}], "logprobs": 1}}, 400, "valid boolean", "logprobs"),
+    ("include-usage-string", "/v1/completions",
+     {"json": {"prompt": "x", "stream": True, "stream_options": {"include_usage": "on"}}}, 400, "valid boolean",
+     "stream_options.include_usage"),
+    ("ignore-eos-string", "/v1/completions", {"json": {"prompt": "x", "ignore_eos": "false"}}, 400, "valid boolean",
+     "ignore_eos"),
+    ("generate-stream-yes", "/generate", {"json": {"input_ids": [5], "stream": "yes"}}, 400, "valid boolean",
+     "stream"),
+    ("generate-sampling-bool", "/generate", {"json": {"input_ids": [5], "sampling_params": {"ignore_eos": "yes"}}},
+     400, "ignore_eos must be true or false", "sampling_params"),
+    ("tokenize-bool", "/tokenize", {"json": {"prompt": "x", "add_special_tokens": 0}}, 400, "valid boolean",
+     "add_special_tokens"),
+    ("thinking-yes", "/v1/chat/completions",
+     {"json": {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"thinking": "yes"}}}, 400,
+     "thinking must be true or false", "chat_template_kwargs"),
+    # chat requests the format cannot take
+    ("template-kwarg-collides", "/v1/chat/completions",
+     {"json": {"messages": [{"role": "user", "content": "x"}],
+               "chat_template_kwargs": {"add_generation_prompt": False}}},
+     400, "add_generation_prompt is a request field", "chat_template_kwargs"),
+    ("bad-reasoning-effort", "/v1/chat/completions",
+     {"json": {"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "extreme"}}, 400, "reasoning_effort",
+     "reasoning_effort"),
+    ("tool-name-with-quote", "/v1/chat/completions",
+     {"json": {"messages": [{"role": "user", "content": "x"}],
+               "tools": [{"type": "function", "function": {"name": 'a"b'}}]}}, 400, "should match pattern",
+     "tools.0.function.name"),
+    ("tool-not-a-function", "/v1/chat/completions",
+     {"json": {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "retrieval"}]}}, 400,
+     "tools.0.type", "tools.0.type"),
+    ("reasoning-not-text", "/v1/chat/completions",
+     {"json": {"messages": [{"role": "assistant", "content": "x", "reasoning_content": 5},
+                            {"role": "user", "content": "y"}]}}, 400, "valid string",
+     "messages.0.reasoning_content"),
+    ("tool-call-without-function", "/v1/chat/completions",
+     {"json": {"messages": [{"role": "assistant", "tool_calls": [{"id": "a"}]}, {"role": "user", "content": "y"}]}},
+     400, "Field required", "messages.0.tool_calls.0.function"),
+    ("user-without-content", "/v1/chat/completions", {"json": {"messages": [{"role": "user"}]}}, 400,
+     "has no 'content'", "messages"),
 ]
 
 
@@ -188,6 +274,77 @@ def test_unknown_route_and_method_are_openai_errors(client: httpx.Client) -> Non
     _error(client.get("/v1/completions"), 405)
 
 
+# A sweep of our own besides schemathesis': every field of a valid request of each route, and a few nested ones,
+# replaced in turn by each of these values (and each value added under a field the route does not have).
+SWEEP_VALUES: list[Any] = [None, True, False, "yes", "\ud800", "", -1, 0, 2**70, 1.5, 1e308, [], {}, [None], [[1]],
+                           {"type": "text", "text": 1}, "x" * 3000, [[[[[[[[[[[]]]]]]]]]]]]
+SWEEP_BASES: dict[str, dict[str, Any]] = {
+    "/v1/completions": {"prompt": "Hi", "max_tokens": 2, "stream": False, "stop": ["."], "n": 1, "temperature": 0,
+                        "logprobs": 1, "echo": False, "seed": 1, "top_k": 5, "user": "u", "suffix": None,
+                        "stream_options": {"include_usage": True}},
+    "/v1/chat/completions": {
+        "messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
+                     {"role": "assistant", "content": None, "reasoning_content": "r", "tool_calls": [
+                         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                     {"role": "tool", "tool_call_id": "c", "content": [{"type": "text", "text": "ok"}]}],
+        "max_tokens": 2, "stream": False, "n": 1, "logprobs": False, "top_logprobs": None,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        "tool_choice": "auto", "parallel_tool_calls": True, "response_format": {"type": "text"},
+        "reasoning_effort": "high", "chat_template_kwargs": {"thinking": True}},
+    "/generate": {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 2, "temperature": 0}, "stream": False,
+                  "return_logprob": True, "top_logprobs_num": 1, "rid": None},
+    "/tokenize": {"messages": [{"role": "user", "content": "Hi"}], "add_special_tokens": True,
+                  "add_generation_prompt": True},
+    "/detokenize": {"tokens": [5, 6]},
+}
+SWEEP_NESTED = {
+    "/v1/chat/completions": [("messages", 1, "role"), ("messages", 1, "content"), ("messages", 1),
+                             ("messages", 2, "tool_calls"), ("messages", 2, "tool_calls", 0, "function"),
+                             ("messages", 2, "tool_calls", 0, "function", "arguments"), ("messages", 3, "content", 0),
+                             ("tools", 0), ("tools", 0, "function", "name"), ("tools", 0, "function", "parameters"),
+                             ("chat_template_kwargs", "drop_thinking"), ("chat_template_kwargs", "reasoning_effort")],
+    "/generate": [("sampling_params", "max_new_tokens"), ("sampling_params", "stop"), ("sampling_params", "n")],
+    "/v1/completions": [("stream_options", "include_usage"), ("stop", 0)],
+    "/tokenize": [("messages", 0, "content"), ("messages", 0)],
+    "/detokenize": [("tokens", 0)],
+}
+
+
+def _sweep_cases() -> list[tuple[str, tuple[Any, ...], Any]]:
+    cases = []
+    for route, base in SWEEP_BASES.items():
+        for path in [*((k,) for k in base), ("unknown_field",), *SWEEP_NESTED.get(route, [])]:
+            cases += [(route, path, value) for value in SWEEP_VALUES]
+    return cases
+
+
+def _replaced(body: Any, path: tuple[Any, ...], value: Any) -> Any:
+    body = json.loads(json.dumps(body))
+    target = body
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return body
+
+
+def test_sweep_never_answers_a_server_error(client: httpx.Client) -> None:
+    """Every mutated request gets a 2xx or an OpenAI-style 4xx; a stream ends with [DONE]."""
+    answered = {200: 0, 400: 0}
+    for route, path, value in _sweep_cases():
+        body = _replaced(SWEEP_BASES[route], path, value)
+        # ensure_ascii: the lone surrogate travels as the JSON escape "\ud800", as a client would send it
+        r = client.post(route, content=json.dumps(body).encode(), headers=JSON)
+        where = f"{route} {'.'.join(map(str, path))}={value!r:.40}"
+        assert r.status_code < 500, (where, r.text)
+        if r.status_code >= 400:
+            _error(r, r.status_code)
+        elif r.headers.get("content-type", "").startswith("text/event-stream"):
+            assert r.text.rstrip().endswith("data: [DONE]"), (where, r.text[-300:])
+            assert '"error"' not in r.text, (where, r.text[-300:])
+        answered[200 if r.status_code < 300 else 400] += 1
+    assert answered[200] > 50 and answered[400] > 300, answered  # both kinds happen: the sweep tests something
+
+
 def test_healthy_after_bad_input(client: httpx.Client, srv: Any) -> None:
     _healthy(client)
     assert not any(srv.wait_idle().values())
@@ -215,9 +372,11 @@ def test_api_key(launch_server: Launch) -> None:
 
 # ------------------------------------------------------------------------------------ queue full
 def test_queue_full_is_429(launch_server: Launch) -> None:
-    with launch_server(max_pending=1) as s, httpx.Client(base_url=s.url, timeout=30) as c:
-        with httpx.Client(base_url=s.url, timeout=30) as first, \
-                first.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
+    # The held request must outlast the checks on a loaded machine: thousands of tokens (it is aborted
+    # when its stream closes), not LONG's 200, which a fast engine finished before the second request came.
+    held = {**LONG, "max_tokens": 8000, "stream": True}
+    with launch_server(max_pending=1, max_model_len=8192) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+        with httpx.Client(base_url=s.url, timeout=30) as first, first.stream("POST", "/v1/completions", json=held) as r:
             assert r.status_code == 200
             assert next(r.iter_lines()).startswith("data: ")
             err = _error(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}), 429)

@@ -25,60 +25,136 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 __all__ = ["DEEPSEEK_V4_CHAT_TEMPLATE", "Tokenizer"]
 
-# DeepSeek-V4's chat format, as jinja. Source: the reference encoder `encoding/encoding_dsv4.py` shipped with the
-# DeepSeek-V4-Flash checkpoint (functions `encode_messages`, `render_message`, `merge_tool_messages`,
-# `sort_tool_results_by_call_order`, `_drop_thinking_messages`), read from three agreeing copies in public
-# repositories; its conventions are DeepSeek-V3.2's `encoding_dsv32.py` ones (same published example). In short:
+# DeepSeek-V4's chat format, as jinja: DeepSeek's reference encoder `encoding/encoding_dsv4.py` (published with
+# the DeepSeek-V4-Flash and -Pro weights, which ship no chat template) re-expressed step for step, and checked
+# byte for byte against it: `merge_tool_messages` (tool results join the following user turn as
+# `<tool_result>…</tool_result>` blocks, consecutive user turns merge, joined by a blank line),
+# `sort_tool_results_by_call_order`, `_drop_thinking_messages` and `render_message`. In short:
 #
 #   <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜></think>{reply}<｜end▁of▁sentence｜><｜User｜>…
 #
-# Non-thinking ("chat") mode opens every reply with `</think>`. `thinking=True` opens the reply to the last user
-# turn with `<think>` and renders `{reasoning_content}</think>` before the content of replies after it; earlier
-# turns stay in chat form because their reasoning is dropped (`drop_thinking=False` keeps it, and tools keep it
-# too, as in the reference). Consecutive user and tool messages merge into one user turn, joined by a blank line,
-# tool outputs as `<tool_result>…</tool_result>` sorted by the order of the calls; tool calls are DSML blocks.
-# `tools` go after the first system message (an empty one is added when there is none), as the reference's
-# serving adapters do. The tool instructions are written here in our own words, with DSML examples of the same
-# shape; they are not DeepSeek's verbatim prose, so a checkpoint that needs that exact text should ship it as
-# its own chat template. Not rendered: the internal `task` tokens, `latest_reminder` messages, `response_format`
-# and the reasoning-effort preamble. `fromjson` is a filter of dsv4's environment (transformers has none).
-DEEPSEEK_V4_CHAT_TEMPLATE = r"""
-{%- set think = true if (thinking is defined and thinking) else false -%}
-{%- set drop = false if (drop_thinking is defined and not drop_thinking) or tools else true -%}
+# Chat mode opens every reply with `</think>`. `thinking=True` (or `enable_thinking=True`, vLLM's spelling) opens
+# the reply to the last user turn with `<think>` and renders `{reasoning_content}</think>` before the content of
+# replies after it; earlier replies lose their reasoning unless `drop_thinking=False` or tools are present, as in
+# the reference. `reasoning_effort="max"` puts the reference's preamble first in thinking mode ("high" and None
+# add nothing). `tools` (OpenAI's request-level list) go on the first system message, an empty one being added
+# when the conversation has none, as SGLang's adapter does; a system or developer message's own `tools` and
+# `response_format` keys, the `latest_reminder` role, the `task` and `wo_eos` keys render as in the reference.
+# Two departures, both for input the reference cannot take: `add_generation_prompt=False` leaves the final
+# `<｜Assistant｜>` opener out (the reference always writes it), and tool-call arguments given as an object rather
+# than a JSON string render as their keys (the reference nests them under a key "arguments").
+# `fromjson` is a filter of dsv4's environment (transformers has none).
+_DSV4_TOOLS_PROMPT = (
+    "## Tools\n\n"
+    "You have access to a set of tools to help answer the user's question. You can invoke tools by writing a "
+    "\"<｜DSML｜tool_calls>\" block like the following:\n\n"
+    "<｜DSML｜tool_calls>\n"
+    "<｜DSML｜invoke name=\"$TOOL_NAME\">\n"
+    "<｜DSML｜parameter name=\"$PARAMETER_NAME\" string=\"true|false\">$PARAMETER_VALUE</｜DSML｜parameter>\n"
+    "...\n"
+    "</｜DSML｜invoke>\n"
+    "<｜DSML｜invoke name=\"$TOOL_NAME2\">\n"
+    "...\n"
+    "</｜DSML｜invoke>\n"
+    "</｜DSML｜tool_calls>\n\n"
+    "String parameters should be specified as is and set `string=\"true\"`. For all other types (numbers, "
+    "booleans, arrays, objects), pass the value in JSON format and set `string=\"false\"`.\n\n"
+    "If thinking_mode is enabled (triggered by <think>), you MUST output your complete reasoning inside "
+    "<think>...</think> BEFORE any tool calls or final response.\n\n"
+    "Otherwise, output directly after </think> with tool calls or final response.\n\n"
+    "### Available Tool Schemas\n\n"
+    "{tool_schemas}\n\n"
+    "You MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.\n"
+)
+_DSV4_RESPONSE_FORMAT_PROMPT = "## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n"
+_DSV4_REASONING_EFFORT_MAX = (
+    "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
+    "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the root "
+    "cause, rigorously stress-testing your logic against all potential paths, edge cases, and adversarial "
+    "scenarios.\n"
+    "Explicitly write out your entire deliberation process, documenting every intermediate step, considered "
+    "alternative, and rejected hypothesis to ensure absolutely no assumption is left unchecked.\n\n"
+)
+_DSV4_TASK_TOKENS = ("action", "query", "authority", "domain", "title", "read_url")
+
+_DSV4_TEMPLATE_SOURCE = r"""
+{%- set think = true if (thinking is defined and thinking) or (enable_thinking is defined and enable_thinking)
+    else false -%}
+{%- set effort = reasoning_effort if reasoning_effort is defined else none -%}
+{%- if effort is not none and effort not in ['high', 'max'] -%}
+    {{- raise_exception('reasoning_effort must be "high", "max" or none, got ' ~ effort | tojson) -}}
+{%- endif -%}
 {%- set bos = bos_token if bos_token is defined and bos_token else '<｜begin▁of▁sentence｜>' -%}
 {%- set eos = eos_token if eos_token is defined and eos_token else '<｜end▁of▁sentence｜>' -%}
 {%- set dsml = '｜DSML｜' -%}
-{%- set needs_system = tools and (not messages or messages[0].role != 'system') -%}
+{%- set task_tokens = @TASK_TOKENS@ -%}
+{%- set request_tools = tools if tools is defined and tools else none -%}
+{%- set needs_system = request_tools and (not messages or messages[0].role != 'system') -%}
 {%- set head = [{'role': 'system', 'content': ''}] if needs_system else [] -%}
-{#- Merge consecutive user and tool messages into one user turn of blocks; a tool result remembers the position
-    of its call in the latest assistant message that made calls. -#}
-{%- set ns = namespace(msgs=[], call_ids=[]) -%}
+{#- merge_tool_messages: tool results and user text become the blocks of user turns. -#}
+{%- set ns = namespace(msgs=[], any_tools=request_tools is not none) -%}
 {%- for m in head + messages -%}
-    {%- if m.role == 'user' or m.role == 'tool' -%}
-        {%- if m.role == 'user' -%}
-            {%- set block = {'type': 'text', 'text': m.content, 'order': 0} -%}
-        {%- else -%}
-            {%- set tid = m.tool_call_id if m.tool_call_id is defined and m.tool_call_id else '' -%}
-            {%- set order = ns.call_ids.index(tid) if tid and tid in ns.call_ids else 0 -%}
-            {%- set block = {'type': 'tool_result', 'text': m.content, 'order': order} -%}
-        {%- endif -%}
-        {%- if ns.msgs and ns.msgs[-1].role == 'user' -%}
-            {%- set ns.msgs = ns.msgs[:-1] + [{'role': 'user', 'blocks': ns.msgs[-1].blocks + [block]}] -%}
-        {%- else -%}
-            {%- set ns.msgs = ns.msgs + [{'role': 'user', 'blocks': [block]}] -%}
-        {%- endif -%}
+    {%- if m.tools is defined and m.tools -%}{%- set ns.any_tools = true -%}{%- endif -%}
+    {%- set prev = ns.msgs[-1] if ns.msgs else none -%}
+    {%- set into_prev = prev is not none and prev.role == 'user' and prev.blocks is defined -%}
+    {%- if m.role == 'tool' -%}
+        {%- set block = {'type': 'tool_result', 'id': m.tool_call_id if m.tool_call_id is defined and
+            m.tool_call_id else '', 'text': m.content} -%}
+    {%- elif m.role == 'user' -%}
+        {%- set block = {'type': 'text', 'text': m.content} -%}
+        {%- set into_prev = into_prev and prev.task is none -%}
+    {%- endif -%}
+    {%- if m.role in ['tool', 'user'] and into_prev -%}
+        {%- set ns.msgs = ns.msgs[:-1] + [{'role': 'user', 'blocks': prev.blocks + [block], 'task': prev.task,
+            'wo_eos': prev.wo_eos}] -%}
+    {%- elif m.role == 'tool' -%}
+        {%- set ns.msgs = ns.msgs + [{'role': 'user', 'blocks': [block], 'task': none, 'wo_eos': none}] -%}
+    {%- elif m.role == 'user' -%}
+        {%- set ns.msgs = ns.msgs + [{'role': 'user', 'blocks': [block],
+            'task': m.task if m.task is defined else none, 'wo_eos': m.wo_eos if m.wo_eos is defined else none}] -%}
     {%- else -%}
-        {%- if m.role == 'assistant' and m.tool_calls is defined and m.tool_calls -%}
-            {%- set ns.call_ids = [] -%}
-            {%- for tc in m.tool_calls -%}
-                {%- set tc_id = tc.id if tc.id is defined and tc.id else '' -%}
-                {%- set ns.call_ids = ns.call_ids + [tc_id] -%}
-            {%- endfor -%}
-        {%- endif -%}
         {%- set ns.msgs = ns.msgs + [m] -%}
     {%- endif -%}
 {%- endfor -%}
-{#- In thinking mode, turns before the last user turn lose their developer messages (and their reasoning). -#}
+{#- sort_tool_results_by_call_order: a user turn's results follow the order of the latest calls (stable). -#}
+{%- set sorted = namespace(msgs=[], ids=[]) -%}
+{%- for m in ns.msgs -%}
+    {%- if m.role == 'assistant' and m.tool_calls is defined and m.tool_calls -%}
+        {%- set sorted.ids = [] -%}
+        {%- for tc in m.tool_calls -%}
+            {%- set sorted.ids = sorted.ids + [tc.id if tc.id is defined and tc.id else ''] -%}
+        {%- endfor -%}
+    {%- endif -%}
+    {%- if m.role == 'user' and m.blocks is defined -%}
+        {%- set results = namespace(items=[]) -%}
+        {%- for b in m.blocks if b.type == 'tool_result' -%}
+            {%- set found = namespace(at=0) -%}
+            {%- for cid in sorted.ids -%}
+                {%- if b.id and cid == b.id -%}{%- set found.at = loop.index0 -%}{%- endif -%}
+            {%- endfor -%}
+            {%- set results.items = results.items + [{'order': found.at, 'text': b.text}] -%}
+        {%- endfor -%}
+        {%- set results.items = results.items | sort(attribute='order') | list -%}
+        {%- set parts = namespace(texts=[], k=0) -%}
+        {%- for b in m.blocks -%}
+            {%- if b.type == 'text' -%}
+                {%- set parts.texts = parts.texts + [b.text] -%}
+            {%- else -%}
+                {%- set parts.texts = parts.texts
+                    + ['<tool_result>' ~ results.items[parts.k].text ~ '</tool_result>'] -%}
+                {%- set parts.k = parts.k + 1 -%}
+            {%- endif -%}
+        {%- endfor -%}
+        {%- set sorted.msgs = sorted.msgs + [{'role': 'user', 'text': parts.texts | join('\n\n'), 'task': m.task,
+            'wo_eos': m.wo_eos}] -%}
+    {%- else -%}
+        {%- set sorted.msgs = sorted.msgs + [m] -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- set drop = false if (drop_thinking is defined and not drop_thinking) or ns.any_tools else true -%}
+{#- _drop_thinking_messages: in thinking mode, turns before the last user turn lose their developer messages
+    (and their reasoning, which render below leaves out). -#}
+{%- set ns.msgs = sorted.msgs -%}
 {%- set ns.last = -1 -%}
 {%- for m in ns.msgs -%}
     {%- if m.role in ['user', 'developer'] -%}{%- set ns.last = loop.index0 -%}{%- endif -%}
@@ -86,7 +162,8 @@ DEEPSEEK_V4_CHAT_TEMPLATE = r"""
 {%- if think and drop -%}
     {%- set kept = namespace(msgs=[]) -%}
     {%- for m in ns.msgs -%}
-        {%- if m.role in ['user', 'system', 'assistant'] or loop.index0 >= ns.last -%}
+        {%- if m.role in ['user', 'system', 'tool', 'latest_reminder', 'direct_search_results', 'assistant']
+            or loop.index0 >= ns.last -%}
             {%- set kept.msgs = kept.msgs + [m] -%}
         {%- endif -%}
     {%- endfor -%}
@@ -96,46 +173,37 @@ DEEPSEEK_V4_CHAT_TEMPLATE = r"""
         {%- if m.role in ['user', 'developer'] -%}{%- set ns.last = loop.index0 -%}{%- endif -%}
     {%- endfor -%}
 {%- endif -%}
+{#- render_message -#}
 {{- bos -}}
 {%- for m in ns.msgs -%}
     {%- set i = loop.index0 -%}
-    {%- if m.role == 'system' -%}
-        {{- m.content if m.content is defined and m.content is not none else '' -}}
-        {%- if i == 0 and tools -%}
-            {%- set schemas = namespace(lines=[]) -%}
-            {%- for t in tools -%}
-                {%- set schemas.lines = schemas.lines + [(t.function if t.function is defined else t) | tojson] -%}
-            {%- endfor -%}
-            {{- '\n\n## Tools\n\nYou can use the tools below to help answer the user. To call tools, write a "<'
-                ~ dsml ~ 'tool_calls>" block like this one:\n\n<' ~ dsml ~ 'tool_calls>\n<' ~ dsml
-                ~ 'invoke name="$TOOL_NAME">\n<' ~ dsml ~ 'parameter name="$PARAMETER_NAME" string="true|false">'
-                ~ '$PARAMETER_VALUE</' ~ dsml ~ 'parameter>\n...\n</' ~ dsml ~ 'invoke>\n<' ~ dsml
-                ~ 'invoke name="$TOOL_NAME2">\n...\n</' ~ dsml ~ 'invoke>\n</' ~ dsml ~ 'tool_calls>\n\n'
-                ~ 'Write a string parameter as it is, with string="true"; write any other value (number, boolean, '
-                ~ 'array, object) as JSON, with string="false".\n\n'
-                ~ 'In thinking mode (started by <think>), reason inside <think>...</think> before any tool call '
-                ~ 'or answer. Otherwise answer or call tools right after </think>.\n\n'
-                ~ '### Available Tool Schemas\n\n' ~ schemas.lines | join('\n')
-                ~ '\n\nCall tools only with the names and parameters defined above.\n' -}}
-        {%- endif -%}
-    {%- elif m.role == 'developer' -%}
-        {{- '<｜User｜>' + m.content -}}
-    {%- elif m.role == 'user' -%}
-        {%- set results = m.blocks | selectattr('type', 'equalto', 'tool_result') | sort(attribute='order') | list -%}
-        {%- set parts = namespace(texts=[], k=0) -%}
-        {%- for b in m.blocks -%}
-            {%- if b.type == 'text' -%}
-                {%- set parts.texts = parts.texts + [b.text] -%}
-            {%- else -%}
-                {%- set parts.texts = parts.texts + ['<tool_result>' ~ results[parts.k].text ~ '</tool_result>'] -%}
-                {%- set parts.k = parts.k + 1 -%}
-            {%- endif -%}
+    {%- if i == 0 and think and effort == 'max' -%}{{- @EFFORT_MAX@ -}}{%- endif -%}
+    {%- set own_tools = request_tools if i == 0 and request_tools and m.role == 'system'
+        else (m.tools if m.tools is defined and m.tools else none) -%}
+    {%- set extra = namespace(text='') -%}
+    {%- if own_tools and m.role in ['system', 'developer'] -%}
+        {%- set schemas = namespace(lines=[]) -%}
+        {%- for t in own_tools -%}
+            {%- set schemas.lines = schemas.lines + [(t.function if t.function is defined else t) | tojson] -%}
         {%- endfor -%}
-        {{- '<｜User｜>' + parts.texts | join('\n\n') -}}
+        {%- set extra.text = '\n\n' ~ @TOOLS_HEAD@ ~ schemas.lines | join('\n') ~ @TOOLS_TAIL@ -%}
+    {%- endif -%}
+    {%- if m.role in ['system', 'developer'] and m.response_format is defined and m.response_format -%}
+        {%- set extra.text = extra.text ~ '\n\n' ~ @RESPONSE_FORMAT@ ~ m.response_format | tojson -%}
+    {%- endif -%}
+    {%- if m.role == 'system' -%}
+        {{- (m.content if m.content is defined and m.content is not none else '') ~ extra.text -}}
+    {%- elif m.role == 'developer' -%}
+        {{- '<｜User｜>' ~ m.content ~ extra.text -}}
+    {%- elif m.role == 'user' -%}
+        {{- '<｜User｜>' ~ m.text -}}
+    {%- elif m.role == 'latest_reminder' -%}
+        {{- '<｜latest_reminder｜>' ~ m.content -}}
     {%- elif m.role == 'assistant' -%}
-        {%- if think and (not drop or i > ns.last) -%}
-            {{- (m.reasoning_content if m.reasoning_content is defined and m.reasoning_content is not none else '')
-                + '</think>' -}}
+        {%- set prev_task = i > 0 and ns.msgs[i - 1].task is defined and ns.msgs[i - 1].task is not none -%}
+        {%- if think and not prev_task and (not drop or i > ns.last) -%}
+            {{- (m.reasoning_content if m.reasoning_content is defined and m.reasoning_content is not none
+                else '') ~ '</think>' -}}
         {%- endif -%}
         {{- m.content if m.content is defined and m.content is not none else '' -}}
         {%- if m.tool_calls is defined and m.tool_calls -%}
@@ -156,19 +224,43 @@ DEEPSEEK_V4_CHAT_TEMPLATE = r"""
             {%- endfor -%}
             {{- '\n\n<' ~ dsml ~ 'tool_calls>\n' ~ calls.texts | join('\n') ~ '\n</' ~ dsml ~ 'tool_calls>' -}}
         {%- endif -%}
-        {{- eos -}}
+        {%- if not (m.wo_eos is defined and m.wo_eos) -%}{{- eos -}}{%- endif -%}
     {%- else -%}
         {{- raise_exception('DeepSeek-V4 chat format has no role ' ~ m.role | tojson
-            ~ ' (roles: system, user, assistant, tool, developer)') -}}
+            ~ ' (roles: system, user, assistant, tool, developer, latest_reminder)') -}}
     {%- endif -%}
-    {#- A user turn followed by a reply (or ending the conversation) opens the reply. -#}
+    {#- What follows a turn: nothing before another user turn; the reply's opener (or a task token) else. -#}
     {%- set last = i + 1 == ns.msgs | length -%}
-    {%- set next_is_reply = add_generation_prompt if last else ns.msgs[i + 1].role == 'assistant' -%}
-    {%- if m.role in ['user', 'developer'] and next_is_reply -%}
-        {{- '<｜Assistant｜>' + ('<think>' if think and (not drop or i >= ns.last) else '</think>') -}}
+    {%- set opens = add_generation_prompt if last else ns.msgs[i + 1].role in ['assistant', 'latest_reminder'] -%}
+    {%- set task = m.task if m.task is defined and m.task is not none else none -%}
+    {%- if opens and task is not none -%}
+        {%- if task not in task_tokens -%}
+            {{- raise_exception('unknown task ' ~ task | tojson ~ ' (tasks: ' ~ task_tokens | join(', ') ~ ')') -}}
+        {%- elif task != 'action' -%}
+            {{- '<｜' ~ task ~ '｜>' -}}
+        {%- else -%}
+            {{- '<｜Assistant｜>' ~ ('<think>' if think else '</think>') ~ '<｜action｜>' -}}
+        {%- endif -%}
+    {%- elif opens and m.role in ['user', 'developer'] -%}
+        {{- '<｜Assistant｜>' ~ ('<think>' if think and (not drop or i >= ns.last) else '</think>') -}}
     {%- endif -%}
 {%- endfor -%}
 """
+
+
+def _jinja_literal(text: str) -> str:
+    # JSON's escapes are Jinja's (its lexer decodes string literals as unicode-escape).
+    return json.dumps(text)
+
+
+_TOOLS_HEAD, _TOOLS_TAIL = _DSV4_TOOLS_PROMPT.split("{tool_schemas}")
+DEEPSEEK_V4_CHAT_TEMPLATE = (
+    _DSV4_TEMPLATE_SOURCE.replace("@TASK_TOKENS@", json.dumps(list(_DSV4_TASK_TOKENS)))
+    .replace("@EFFORT_MAX@", _jinja_literal(_DSV4_REASONING_EFFORT_MAX))
+    .replace("@TOOLS_HEAD@", _jinja_literal(_TOOLS_HEAD))
+    .replace("@TOOLS_TAIL@", _jinja_literal(_TOOLS_TAIL))
+    .replace("@RESPONSE_FORMAT@", _jinja_literal(_DSV4_RESPONSE_FORMAT_PROMPT))
+)
 
 _CONFIG_FILE = "tokenizer_config.json"
 _TOKENIZER_FILE = "tokenizer.json"
@@ -288,7 +380,13 @@ class Tokenizer:
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; with ``add_special_tokens``, the BOS (and any other special tokens the
         tokenizer adds), unless ``text`` already starts (ends) with them, e.g. a rendered chat prompt."""
-        ids: list[int] = self.backend.encode(text, add_special_tokens=False).ids
+        try:
+            ids: list[int] = self.backend.encode(text, add_special_tokens=False).ids
+        except TypeError as exc:  # the Rust side takes only valid Unicode: a lone surrogate ("\ud800") is not
+            at = next((i for i, ch in enumerate(text) if "\ud800" <= ch <= "\udfff"), None)
+            if at is None or not isinstance(text, str):
+                raise
+            raise ValueError(f"text is not valid Unicode: a lone surrogate {ascii(text[at])} at index {at}") from exc
         if not add_special_tokens:
             return ids
         prefix = [] if ids[: len(self._prefix)] == self._prefix else self._prefix
@@ -384,6 +482,10 @@ class Tokenizer:
             )
         except jinja2.TemplateError as exc:
             raise ValueError(f"chat template of {source}: {exc.message or exc}") from exc
+        except (TypeError, LookupError, AttributeError, ArithmeticError) as exc:
+            # a template meeting input it was not written for (a number where it adds strings, ...)
+            raise ValueError(f"chat template of {source} cannot render these messages: "
+                             f"{type(exc).__name__}: {exc}") from exc
         return text
 
     # ------------------------------------------------------------------------------------------ internals
@@ -485,7 +587,9 @@ def _validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
             if role != "assistant":
                 raise ValueError(f"message {i} ({role}) has no 'content'")
         elif isinstance(content, list):
-            content = _flatten_parts(content, i)
+            # DeepSeek-V4's encoder joins a tool result's text blocks by a blank line; vLLM joins other text
+            # parts by a newline for templates that take string content.
+            content = _flatten_parts(content, i, "\n\n" if role == "tool" else "\n")
         elif not isinstance(content, str):
             raise ValueError(f"message {i} ({role}): content must be a string or a list of text parts, "
                              f"got {type(content).__name__}")
@@ -498,8 +602,7 @@ def _validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
     return out
 
 
-def _flatten_parts(parts: list[Any], index: int) -> str:
-    # Text parts join with newlines, as vLLM does for templates that take string content.
+def _flatten_parts(parts: list[Any], index: int, separator: str) -> str:
     texts = []
     for part in parts:
         kind = part.get("type") if isinstance(part, Mapping) else None
@@ -510,7 +613,7 @@ def _flatten_parts(parts: list[Any], index: int) -> str:
         if not isinstance(text, str):
             raise ValueError(f"message {index}: a text part needs a 'text' string")
         texts.append(text)
-    return "\n".join(texts)
+    return separator.join(texts)
 
 
 def _plain(value: Any) -> Any:

@@ -2,25 +2,41 @@
 
 Unknown fields are rejected (as OpenAI does: "Unrecognized request argument supplied"), with the
 vLLM/SGLang extensions users rely on accepted (top_k, min_p, repetition_penalty, stop_token_ids,
-ignore_eos, min_tokens, skip_special_tokens, include_stop_str_in_output).
+ignore_eos, min_tokens, skip_special_tokens, include_stop_str_in_output). Booleans are strict ("yes" and 1
+are not true), every string must be valid Unicode (a lone surrogate is a 400 naming the field), and chat
+content is text: other content parts (images, audio, files) are refused, not ignored.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from dsv4.engine.sampling import SamplingParams
 
 __all__ = [
     "ChatCompletionRequest",
+    "ChatMessage",
     "CompletionRequest",
     "DetokenizeRequest",
     "GenerateRequest",
     "OpenAIError",
     "StreamOptions",
     "TokenizeRequest",
+    "Tool",
+    "unencodable_text",
 ]
 
 # Hard ceilings that keep one request from monopolising the server (400, not a long hang).
@@ -47,21 +63,66 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def unencodable_text(value: Any, path: str = "") -> tuple[str, str] | None:
+    """The first string of a JSON value (keys included) that UTF-8 cannot encode, as ``(path, problem)``.
+
+    JSON's ``\\ud800`` escapes decode to lone surrogates, which no tokenizer (and no UTF-8 response) takes.
+    Iterative, so that a deeply nested body cannot exhaust the stack."""
+    stack: list[tuple[str, Any]] = [(path, value)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, str):
+            if (at := _surrogate_at(v)) is not None:
+                return where or "body", f"a lone surrogate {ascii(v[at])} at index {at}"
+        elif isinstance(v, dict):
+            items = list(v.items())
+            for k, _ in items:
+                if isinstance(k, str) and (at := _surrogate_at(k)) is not None:
+                    return where or "body", f"a key holds a lone surrogate {ascii(k[at])} at index {at}"
+            stack.extend((f"{where}.{k}" if where else str(k), x) for k, x in reversed(items))
+        elif isinstance(v, list):
+            stack.extend((f"{where}.{i}" if where else str(i), x) for i, x in reversed(list(enumerate(v))))
+    return None
+
+
+def _surrogate_at(text: str) -> int | None:
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+class _Request(_Strict):
+    """A request body: every string in it must be valid Unicode (checked before the fields are)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encodable(cls, data: Any) -> Any:
+        bad = unencodable_text(data)
+        if bad is not None:
+            raise PydanticCustomError("unencodable_text", "{param}: text is not valid Unicode ({problem})",
+                                      {"param": bad[0], "problem": bad[1]})
+        return data
+
+
 class StreamOptions(_Strict):
     """``stream_options``: a final chunk with token usage."""
 
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False
 
 
-class _Sampling(_Strict):
+class _Sampling(_Request):
     """Sampling fields shared by both OpenAI endpoints (OpenAI's names, vLLM's extensions)."""
 
     model: str | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=MAX_N)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -74,10 +135,10 @@ class _Sampling(_Strict):
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
     stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
     min_tokens: int = Field(default=0, ge=0)
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
+    skip_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
 
     @field_validator("stop")
     @classmethod
@@ -121,7 +182,7 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKENS_CEILING)
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = False
+    echo: StrictBool = False
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)
     suffix: str | None = None
 
@@ -137,19 +198,112 @@ class CompletionRequest(_Sampling):
         return list(p)  # type: ignore[arg-type]
 
 
+def _item_check(model: Any) -> Any:
+    """A validator that checks a value against ``model`` but keeps the value as it came (its key order)."""
+    adapter: TypeAdapter[Any] = TypeAdapter(model)
+
+    def check(value: Any) -> Any:
+        try:
+            adapter.validate_python(value)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise PydanticCustomError("invalid_item", "{where}: {problem}", {
+                "where": ".".join(str(x) for x in err["loc"]) or "value", "problem": err["msg"],
+                "subpath": ".".join(str(x) for x in err["loc"])}) from None
+        return value
+
+    return check
+
+
+# What the DSML markup can carry in name="...": no quotes, angle brackets, whitespace or control characters.
+TOOL_NAME_PATTERN = r'^[^"<>\s\x00-\x1f]{1,256}$'
+
+
+class FunctionDefinition(BaseModel):
+    """``tools[].function``: its name, description and JSON-schema parameters (more keys pass through)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class Tool(_Strict):
+    """One entry of ``tools``."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionCall(BaseModel):
+    """``tool_calls[].function`` of an assistant message: arguments as a JSON string (or an object)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallParam(BaseModel):
+    """A tool call an assistant message made earlier in the conversation."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    """A chat message; extra keys (name, tool_calls, tool_call_id, reasoning_content) pass through."""
+    """A chat message; extra keys pass through to the chat template, the ones it reads are typed."""
 
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallParam] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    thinking: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, v: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
+        for i, part in enumerate(v if isinstance(v, list) else ()):
+            kind = part.get("type")
+            if kind != "text":
+                raise PydanticCustomError(
+                    "text_only", "content part {index} has type {kind}: this model takes text only (parts of "
+                    "type 'text')", {"index": i, "kind": ascii(kind) if isinstance(kind, str) else "none"})
+            if not isinstance(part.get("text"), str):
+                raise PydanticCustomError("text_part", "content part {index} needs a 'text' string", {"index": i})
+        return v
 
 
 class ResponseFormat(_Strict):
-    """``response_format``: only plain text is supported."""
+    """``response_format``: only plain text is supported yet."""
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: dict[str, Any] | None = None
+
+
+class _ToolName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``."""
+
+    type: Literal["function"]
+    function: _ToolName
+
+
+# chat_template_kwargs that must be booleans, and keys that are apply_chat_template's own arguments.
+_BOOL_TEMPLATE_KWARGS = ("thinking", "enable_thinking", "drop_thinking")
+_RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "documents", "add_generation_prompt", "tokenize")
+# OpenAI's reasoning efforts (and DeepSeek's "max") → the DeepSeek-V4 encoder's: only "max" adds a preamble.
+REASONING_EFFORTS = {"none": None, "minimal": "high", "low": "high", "medium": "high", "high": "high",
+                     "xhigh": "max", "max": "max"}
 
 
 class ChatCompletionRequest(_Sampling):
@@ -158,38 +312,77 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_CEILING)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_CEILING)
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    # Kept as sent (key order included): the chat format renders each tool's JSON as it came.
+    tools: list[Annotated[dict[str, Any], AfterValidator(_item_check(Tool))]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key in _RESERVED_TEMPLATE_KWARGS:
+            if v and key in v:
+                raise PydanticCustomError("reserved_kwarg", "{key} is a request field, not a chat template "
+                                          "argument", {"key": key})
+        for key in _BOOL_TEMPLATE_KWARGS:
+            if v and key in v and not isinstance(v[key], bool):
+                raise PydanticCustomError("bool_kwarg", "{key} must be true or false", {"key": key})
+        effort = (v or {}).get("reasoning_effort")
+        if effort is not None and effort not in ("high", "max"):
+            raise PydanticCustomError("effort_kwarg", "reasoning_effort must be 'high', 'max' or null", {})
+        return v
 
-class GenerateRequest(_Strict):
+    def template_kwargs(self) -> dict[str, Any]:
+        """What the chat template is rendered with: ``chat_template_kwargs`` plus ``reasoning_effort``."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            kwargs["reasoning_effort"] = REASONING_EFFORTS[self.reasoning_effort]
+        return kwargs
+
+
+class GenerateRequest(_Request):
     """SGLang-style native ``POST /generate``: token ids (or text) in, token ids out."""
 
     input_ids: list[int] | None = None
     text: str | None = None
     sampling_params: dict[str, Any] = Field(default_factory=dict)
-    stream: bool = False
-    return_logprob: bool = False
+    stream: StrictBool = False
+    return_logprob: StrictBool = False
     top_logprobs_num: int = Field(default=0, ge=0, le=20)
     rid: str | None = None
 
+    def engine_params(self) -> SamplingParams:
+        """``sampling_params`` (SGLang's ``max_new_tokens`` accepted) as the engine's, booleans strict."""
+        fields = dict(self.sampling_params)
+        fields.setdefault("max_tokens", fields.pop("max_new_tokens", None) or 128)
+        if self.return_logprob:
+            fields["logprobs"] = self.top_logprobs_num
+        for name, info in SamplingParams.model_fields.items():
+            if info.annotation is bool and name in fields and not isinstance(fields[name], bool):
+                raise OpenAIError(f"sampling_params.{name} must be true or false, got {fields[name]!r}",
+                                  param="sampling_params")
+        try:
+            return SamplingParams(**fields)
+        except ValueError as e:
+            raise OpenAIError(str(e), param="sampling_params") from None
 
-class TokenizeRequest(_Strict):
+
+class TokenizeRequest(_Request):
     """``POST /tokenize``: a prompt or chat messages."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(_Request):
     """``POST /detokenize``."""
 
     model: str | None = None
