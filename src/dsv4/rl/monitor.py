@@ -25,6 +25,7 @@ from typing import IO, Any
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 __all__ = [
     "DEFAULT_KEYS",
@@ -232,6 +233,7 @@ def plot_expert_load(jsonl_path: str | os.PathLike[str], png_path: str | os.Path
         ax.set_title(f"layer {layer}: expert load (even = {1 / share.shape[1]:.2f})", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("expert")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes[len(layers):]:
         ax.set_visible(False)
     return _save_png(fig, png_path)
