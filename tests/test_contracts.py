@@ -1,13 +1,15 @@
-"""Every registered implementation of a core interface passes the shared contract checks."""
+"""Every built-in implementation of a core interface passes the shared contract checks."""
 
 from __future__ import annotations
 
 import pytest
 
-from dsv4.core.plugins import get_registry
+from dsv4.core.plugins import build_registry
 from dsv4.testing import contracts
 
-REG = get_registry()
+# dsv4's own implementations: an installed third-party plugin runs these checks in its own tests (a
+# hardware plugin may rightly refuse this machine, e.g. a GPU kernel set on a CPU).
+REG = build_registry(load_entry_points=False)
 
 
 @pytest.mark.parametrize("name", REG.names("attention_backend"))
