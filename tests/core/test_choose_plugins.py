@@ -88,3 +88,30 @@ def test_the_model_package_has_no_backend_device_or_mode_branch() -> None:
         code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
         found = [word for word in banned if word in code]
         assert not found, f"{path.name}: {found}"
+
+
+class _DeviceKernels(ReferenceKernels):
+    """A hardware plugin's kernel set: it serves the meta device (a stand-in for a GPU) and nothing else."""
+
+    name: ClassVar[str] = "device-kernels"
+    capabilities: ClassVar[frozenset[str]] = frozenset({"inference"})
+
+    @classmethod
+    def refuse(cls, config: Any, device: torch.device, mode: Any) -> str | None:
+        return None if device.type == "meta" and mode == "inference" else "serves the meta device only"
+
+
+class _DevicePlugin:
+    @hookimpl
+    def register_kernel_sets(self) -> list[type[Any]]:
+        return [_DeviceKernels]
+
+
+@needs_native
+def test_auto_prefers_an_installed_hardware_plugin_where_it_serves() -> None:
+    registry = build_registry([_DevicePlugin()], load_entry_points=False)
+    assert choose_plugins(CFG, torch.device("meta"), registry=registry).kernels["inference"] == "device-kernels"
+    on_cpu = choose_plugins(CFG, CPU, registry=registry)
+    assert on_cpu.kernels["inference"] == "cpu"  # it refuses the CPU; dsv4's native kernels serve it
+    plain = choose_plugins(CFG, CPU, registry=registry, native_kernels=False, packed_weights=False)
+    assert plain.kernels["inference"] == "reference"

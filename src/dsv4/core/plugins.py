@@ -268,14 +268,16 @@ def choose_plugins(
 ) -> PluginChoice:
     """Resolve the plugin names of a model, ``"auto"`` included: the one place dsv4 decides what runs.
 
-    ``"auto"`` means, for each kind, the first implementation that does not refuse of:
+    ``"auto"`` means, for each kind, the first implementation that does not refuse of (*installed*: the
+    third-party plugins' implementations, such as a GPU plugin's, in registration order):
 
     - attention backend: ``cpu`` (native decode kernels; only with ``native_kernels`` and not
-      ``batch_invariant``), ``reference``;
+      ``batch_invariant``), installed ones (not ``batch_invariant``), ``reference``;
     - expert executor: ``reference`` when ``batch_invariant``; else ``cpu`` (with ``native_kernels``),
-      ``grouped``;
-    - kernel sets: ``reference`` for autograd steps, ``batch_invariant`` for batch-invariant ones, and
-      for inference ``cpu`` (with ``native_kernels`` or ``packed_weights``), ``reference``.
+      installed ones, ``grouped``;
+    - kernel sets: for autograd steps installed ones, ``reference``; for batch-invariant ones
+      ``batch_invariant``; for inference ``cpu`` (with ``native_kernels`` or ``packed_weights``), installed
+      ones, ``reference``.
 
     A named kernel set computes every mode it declares; the other modes get the ``"auto"`` choice.
     ``current`` holds the plugins of a model passed in: under ``"auto"`` it keeps any that is not one
@@ -291,15 +293,22 @@ def choose_plugins(
             return held
         return str(reg.first_available(kind, config, device, *args, prefer=prefer).name)
 
+    def installed(kind: str) -> tuple[str, ...]:
+        """Third-party implementations (a hardware plugin's), tried before the built-in PyTorch ones."""
+        return tuple(n for n in reg.names(kind) if reg.provider(kind, n).plugin != "builtin")
+
     native = native_kernels and not batch_invariant
-    backend = pick("attention_backend", attention_backend, ("cpu",) * native + ("reference",),
+    backend = pick("attention_backend", attention_backend,
+                   ("cpu",) * native + installed("attention_backend") * (not batch_invariant) + ("reference",),
                    current.attention_backend if current else None)
-    executor_order = ("reference",) if batch_invariant else ("cpu",) * native + ("grouped",)
+    executor_order = (("reference",) if batch_invariant
+                      else ("cpu",) * native + installed("expert_executor") + ("grouped",))
     executor = pick("expert_executor", expert_executor, executor_order,
                     current.expert_executor if current else None)
+    third_party = installed("kernel_set")
     auto_kernels: dict[StepMode, tuple[str, ...]] = {
-        "autograd": ("reference",),
-        "inference": ("cpu",) * (native_kernels or packed_weights) + ("reference",),
+        "autograd": third_party + ("reference",),
+        "inference": ("cpu",) * (native_kernels or packed_weights) + third_party + ("reference",),
         "batch_invariant": ("batch_invariant",),
     }
     named = None if kernels == AUTO else reg.get("kernel_set", kernels)
