@@ -79,6 +79,7 @@ def test_reward_rises_against_the_permuted_control(tmp_path: Path) -> None:
         cfg = TrainConfig.model_validate(dict(
             output_dir=str(tmp_path / name), max_digits=1, seed=0, eval_problems=100, checkpoint_every=1000,
             progress=False, sft=dict(batch_size=32, eval_every=20, target_accuracy=(0.3, 0.7), max_steps=400),
+            model=dict(bias_update_speed=0),  # the arithmetic of the figures above (gate biases frozen)
             grpo=dict(steps=60, prompts_per_step=16, lr=3e-4, permute_rewards=permute),
         ))
         run_recipe(cfg)

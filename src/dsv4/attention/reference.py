@@ -77,6 +77,9 @@ class _DenseRequest:
     length: int  # its new tokens
     positions: torch.Tensor  # [e] absolute positions of the new tokens
     context: torch.Tensor  # [L] positions of the window rows the chunk reads (prefix tail + itself)
+    # The same on the host, so layers slice without reading the device: positions[0], context[0].
+    first: int
+    context_start: int
 
 
 @dataclass(slots=True)
@@ -198,7 +201,7 @@ class ReferenceAttentionBackend:
             if e >= self.dense_min_tokens and invariant_context is None:
                 c0 = max(0, p - w + 1)
                 positions = torch.arange(p, p + e, device=dev)
-                dense.append(_DenseRequest(r, starts[r], e, positions, torch.arange(c0, p + e, device=dev)))
+                dense.append(_DenseRequest(r, starts[r], e, positions, torch.arange(c0, p + e, device=dev), p, c0))
         gather_tokens: torch.Tensor | None = None
         inverse: torch.Tensor | None = None
         if dense:
@@ -221,7 +224,7 @@ class ReferenceAttentionBackend:
             first = [p // ratio for p in batch.prefix_lens_host]
             count = [n // ratio - f for n, f in zip(seq_lens, first, strict=True)]
             counts = torch.tensor(count, dtype=torch.long, device=dev)
-            emit_req = torch.repeat_interleave(torch.arange(len(count), device=dev), counts)
+            emit_req = torch.repeat_interleave(torch.arange(len(count), device=dev), counts, output_size=sum(count))
             offsets = torch.cumsum(counts, 0) - counts
             emit_block = torch.tensor(first, dtype=torch.long, device=dev)[emit_req]
             emit_block = emit_block + torch.arange(emit_req.shape[0], device=dev) - offsets[emit_req]
@@ -377,12 +380,12 @@ class ReferenceAttentionBackend:
         w, ratio = self.config.sliding_window, layer.ratio
         req = torch.full_like(d.context, d.index)
         kv = win.index_select(0, plan.slots("win", f"ctx{d.index}", req, d.context))  # [L, d]
-        c0 = int(d.context[0].item()) if d.context.numel() else 0
+        c0 = d.context_start
         ent = None
         top_all: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         n = 0
         if entries is not None:
-            n = (int(d.positions[-1].item()) + 1) // ratio
+            n = (d.first + d.length) // ratio  # positions[-1] + 1
             idx = torch.arange(n, device=kv.device)
             ent = entries.index_select(0, plan.slots(f"c{ratio}.ent", f"ctx{d.index}", req[:1].expand(n), idx))
             if keys is not None and n:
@@ -404,8 +407,8 @@ class ReferenceAttentionBackend:
         for b0 in range(0, d.length, self.dense_block):
             b1 = min(d.length, b0 + self.dense_block)
             t = d.positions[b0:b1].unsqueeze(1)  # [b, 1]
-            lo = max(0, int(d.positions[b0].item()) - w + 1 - c0)
-            hi = int(d.positions[b1 - 1].item()) + 1 - c0
+            lo = max(0, d.first + b0 - w + 1 - c0)  # positions[b0] - w + 1, in the context
+            hi = d.first + b1 - c0  # positions[b1 - 1] + 1
             ctx = d.context[lo:hi].unsqueeze(0)
             kvs, masks = [kv[lo:hi]], [(ctx <= t) & (ctx > t - w)]  # the sliding-window band
             if ent is not None:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dsv4.core.config import ModelConfig
+from dsv4.core.device import to_device
 from dsv4.core.kv import StreamSpec
 from dsv4.native import kernels
 
@@ -67,6 +68,10 @@ class PagedKVPool:
         self._released: dict[str, dict[int, int]] = {name: {} for name in self.streams}
         self._expiring = [(name, spec) for name, spec in self.streams.items() if spec.keep is not None]
         self._rows_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+        # Off the CPU: the page tables and request rows on the device, uploaded once after they change
+        # (a step resolves several slot sets per stream; each would otherwise copy its table again).
+        self._pt_device: dict[str, torch.Tensor] = {}
+        self._rows_device: torch.Tensor | None = None
         # reserve() and release() run for every request every step; most calls have nothing to do. Per
         # request: the tokens its pages cover in every stream, and the length at which a partial
         # release would next free a page (absent: unknown, take the full path).
@@ -127,17 +132,32 @@ class PagedKVPool:
         if self._rows_cache is None or self._rows_cache[0] != key:
             rows = [self._rows.get(r, -1) for r in rids]
             self._rows_cache = (key, torch.tensor(rows, dtype=torch.long))
+            self._rows_device = None
         rows_t = self._rows_cache[1]
         pt = self._pt[stream]
         if logical.device.type == "cpu" and req.dtype == logical.dtype == torch.int64 and kernels.supports():
             found = kernels.slots(req, logical, rows_t, pt, self.page_size)
             if found is not None:
                 return found
+        if logical.device.type != "cpu":
+            rows_t, pt = self._on_device(stream, logical.device)
         page = (logical // self.page_size).clamp(max=pt.shape[1] - 1)
         # A request without pages (row -1) reads the null page; so does one past its last page.
-        table_rows = rows_t.to(logical.device)[req]
-        pages = torch.where(table_rows >= 0, pt.to(logical.device)[table_rows.clamp(min=0), page], 0)
+        table_rows = rows_t[req]
+        pages = torch.where(table_rows >= 0, pt[table_rows.clamp(min=0), page], 0)
         return pages * self.page_size + logical % self.page_size
+
+    def _on_device(self, stream: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The request rows of the cached rids and ``stream``'s page table on ``device``, each uploaded
+        once after it changed (every change to a table goes through :meth:`_grow` or :meth:`release`)."""
+        assert self._rows_cache is not None
+        rows = self._rows_device
+        if rows is None or rows.device != device:
+            rows = self._rows_device = to_device(self._rows_cache[1], device)
+        pt = self._pt_device.get(stream)
+        if pt is None or pt.device != device:
+            pt = self._pt_device[stream] = to_device(self._pt[stream], device)
+        return rows, pt
 
     def buffer(self, layer_id: int, stream: str) -> torch.Tensor:
         """Storage ``[num_slots, width]`` of ``stream`` in layer ``layer_id``."""
@@ -161,6 +181,7 @@ class PagedKVPool:
                 del self._tables[name][rid]
                 released.pop(rid, None)
                 self._pt_np[name][row] = 0
+                self._pt_device.pop(name, None)
                 continue
             whole_pages = min(spec.keep_from(num_tokens) // self.page_size, len(table))
             for k in range(released.get(rid, 0), whole_pages):
@@ -168,6 +189,7 @@ class PagedKVPool:
                     self._free[name].append(table[k])
                     table[k] = _FREED
                     self._pt_np[name][row, k] = 0
+                    self._pt_device.pop(name, None)
             if whole_pages > released.get(rid, 0):
                 released[rid] = whole_pages
         if num_tokens is None:
@@ -227,9 +249,10 @@ class PagedKVPool:
             if src_pages:  # one gather and one scatter per layer for every target at once
                 src_rows = (torch.tensor(src_pages).unsqueeze(1) * self.page_size + lane).flatten()
                 dst_rows = (torch.tensor(dst_pages).unsqueeze(1) * self.page_size + lane).flatten()
+                src_rows, dst_rows = to_device(src_rows, self.device), to_device(dst_rows, self.device)  # once, not per layer
                 for layer in spec.layers:
                     buf = self._buffers[(layer, name)]
-                    buf[dst_rows.to(buf.device)] = buf[src_rows.to(buf.device)]
+                    buf[dst_rows] = buf[src_rows]
 
     def _row_of(self, rid: int) -> int:
         if rid not in self._rows:
@@ -241,6 +264,8 @@ class PagedKVPool:
         return self._rows[rid]
 
     def _grow(self, stream: str, rows: int, cols: int) -> np.ndarray:
+        """``stream``'s page table with room for ``rows`` x ``cols``, for the caller to write."""
+        self._pt_device.pop(stream, None)
         pt = self._pt_np[stream]
         if rows > pt.shape[0] or cols > pt.shape[1]:
             bigger = np.zeros((max(rows, 2 * pt.shape[0]), max(cols, 2 * pt.shape[1])), dtype=np.int64)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from dsv4.core.device import to_device
 
 __all__ = ["ForwardBatch", "common_prefix"]
 
@@ -53,6 +56,11 @@ class ForwardBatch:
         return len(self.extend_lens_host)
 
     @property
+    def starts_host(self) -> tuple[int, ...]:
+        """First row of every request (``starts`` on the host: no device read)."""
+        return tuple(itertools.accumulate(self.extend_lens_host, initial=0))[:-1]
+
+    @property
     def seq_lens_host(self) -> tuple[int, ...]:
         """Context length of every request after this step."""
         return tuple(p + e for p, e in zip(self.prefix_lens_host, self.extend_lens_host, strict=True))
@@ -89,22 +97,25 @@ class ForwardBatch:
         if par is not None:
             _check_parents(par, pre, ext, paged=rids is not None)
         dev = torch.device(device)
+        picks = [] if isinstance(sample, str) else [int(i) for i in sample]
         tensors = [t for t in new_tokens if isinstance(t, torch.Tensor)]
-        if len(tensors) == len(new_tokens):
-            ids = torch.cat([t.to(torch.long).reshape(-1) for t in tensors]).to(dev)
-        else:  # token-id lists (the engine's steps): one tensor, not one per request
+        flat: list[int] = []
+        if len(tensors) != len(new_tokens):  # token-id lists (the engine's steps): one tensor, not one per request
             flat = [i for t in new_tokens for i in (t.reshape(-1).tolist() if isinstance(t, torch.Tensor) else t)]
-            ids = torch.tensor(flat, dtype=torch.long, device=dev)
-        ext_t = torch.tensor(ext, dtype=torch.long, device=dev)
-        pre_t = torch.tensor(pre, dtype=torch.long, device=dev)
+        # Every host list crosses to the device in one transfer (pinned, asynchronous on CUDA).
+        host = torch.tensor(flat + ext + pre + picks, dtype=torch.long)
+        ids, ext_t, pre_t, pick_t = torch.split(to_device(host, dev), [len(flat), len(ext), len(pre), len(picks)])
+        if not flat:
+            ids = torch.cat([t.to(torch.long).reshape(-1) for t in tensors]).to(dev)
         starts = torch.cumsum(ext_t, 0) - ext_t
-        req_index = torch.repeat_interleave(torch.arange(len(ext), device=dev), ext_t)
+        # output_size: the length is known here; without it CUDA reads ext_t back (a host sync)
+        req_index = torch.repeat_interleave(torch.arange(len(ext), device=dev), ext_t, output_size=sum(ext))
         positions = torch.arange(ids.shape[0], device=dev) - starts[req_index] + pre_t[req_index]
         last = starts + ext_t - 1
         if isinstance(sample, str):
             sample_index = None if sample == "all" else last
         else:
-            sample_index = last[torch.as_tensor(list(sample), dtype=torch.long, device=dev)]
+            sample_index = last[pick_t]
         return cls(
             input_ids=ids,
             positions=positions,

@@ -44,7 +44,7 @@ class EngineConfig(RunConfigModel):
 
     model: str | None = None  # checkpoint directory (config.json, safetensors, tokenizer.json)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # CPU: keep float32
-    device: str = "cpu"
+    device: str = "cpu"  # where a checkpoint is loaded ("cuda", "cuda:1"); a model passed in stays where it is
     # Plugin names (see `dsv4 plugins`). "auto" (decided by dsv4.core.plugins.choose_plugins): the
     # native-kernel "cpu" plugins where they apply (CPU, native_kernels, not batch_invariant), else the
     # "reference" backend, for experts "grouped" (batched small steps) or "reference" in batch-invariant
@@ -178,7 +178,7 @@ class Engine:
         capacity = cfg.kv_cache_tokens or cfg.max_num_seqs * self.max_model_len
         chunk = min(cfg.max_num_batched_tokens, self.max_model_len)
         pages = {s.name: _pages_needed(s, cfg.page_size, cfg.max_num_seqs, capacity, chunk) for s in streams}
-        device = torch.device(cfg.device)
+        device = self.model.embed.weight.device  # a model passed in runs where it is, its cache beside it
         pool_cls = get_registry().select("kv_pool", cfg.kv_pool, self.model.config, device)
         pool: KVPool = pool_cls(streams, pages, page_size=cfg.page_size, dtype=_DTYPES[cfg.dtype], device=device)
         return pool
@@ -348,9 +348,10 @@ class Engine:
             held = self._expert_load.get(layer)
             self._expert_load[layer] = counts if held is None else held + counts
         self.stats["steps"] += 1
+        starts = batch.starts_host
         for i, (seq, n) in enumerate(plan.items):
             if trace is not None:
-                _keep_routing(seq, trace, int(batch.starts[i]), n)
+                _keep_routing(seq, trace, starts[i], n)
             seq.num_computed += n
             if seq.num_computed <= len(seq.prompt_ids):
                 self.stats["prompt_tokens"] += n

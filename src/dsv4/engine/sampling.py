@@ -297,7 +297,7 @@ class Sampler:
                 work = _replace_rows(work, logits, off_rows, _gather(work, off_rows) - offset)
         if rows:
             work = work.clone() if work is logits else work
-            work[torch.tensor(rows), torch.tensor(cols)] = -math.inf
+            work[torch.tensor(rows, device=work.device), torch.tensor(cols, device=work.device)] = -math.inf
         return work
 
 
@@ -350,10 +350,11 @@ def _draw(logits: Tensor, seqs: Sequence[SequenceSampling]) -> Tensor:
     # loses); uniform_ is several times faster than exponential_ on CPU. Each row's u comes from its
     # own generator, so a row's draw does not depend on the batch. Rows are filled in place: stacking
     # R separate tensors of V floats costs far more (allocator page faults) than the draws.
-    u = torch.empty(r, v)  # [R, V]
+    pinned = dev.type == "cuda"  # drawn straight into pinned memory: one asynchronous transfer
+    u = torch.empty(r, v, pin_memory=pinned)  # [R, V]
     for row, s in zip(u, seqs, strict=True):
         row.uniform_(generator=s.generator)
-    u = u.to(dev)
+    u = u.to(dev, non_blocking=pinned)
     return (x - u.log_().neg_().log_()).max(dim=-1).indices
 
 

@@ -58,6 +58,7 @@ class StepContext:
     aux: dict[str, list[torch.Tensor]] | None = None  # auxiliary losses the backend records, if asked
     routing: RoutingTrace | None = None  # expert / indexer choices to record or replay
     seq_index: torch.Tensor | None = None  # [T] the request of each row (per-sequence losses)
+    num_seqs: int | None = None  # requests in the batch (seq_index.max() + 1, known on the host)
     expert_load: dict[int, torch.Tensor] = field(default_factory=dict)  # MoE layer -> routed tokens [E]
     balance: list[torch.Tensor] | None = None  # the MoE layers' sequence-wise balance losses, if asked
 

@@ -86,25 +86,29 @@ class MoE(nn.Module):
         weights, idx = self.gate(x, input_ids, k, replay)
         if routing is not None:
             (routing.applied_experts if routing.replay else routing.experts)[layer_id] = idx.detach()
-        ctx.expert_load[layer_id] = torch.bincount(idx.detach().flatten(), minlength=len(self.experts))
+        ctx.expert_load[layer_id] = _counts(idx.detach().flatten(), len(self.experts))
         if ctx.balance is not None and self.gate.bias is not None and ctx.seq_index is not None:
             scores = k.router_scores(x, self.gate.weight, self.gate.score_func)
-            ctx.balance.append(seq_balance_loss(scores, idx, ctx.seq_index))
+            ctx.balance.append(seq_balance_loss(scores, idx, ctx.seq_index, num_seqs=ctx.num_seqs))
         routed = executor.forward(self.experts, x, idx, weights.to(x.dtype), self.limit, k)
         shared: torch.Tensor = self.shared_experts(x, k)
         return routed + shared
 
 
-def seq_balance_loss(scores: torch.Tensor, idx: torch.Tensor, seq_index: torch.Tensor) -> torch.Tensor:
+def seq_balance_loss(
+    scores: torch.Tensor, idx: torch.Tensor, seq_index: torch.Tensor, *, num_seqs: int | None = None
+) -> torch.Tensor:
     """DeepSeek-V3's complementary sequence-wise balance loss of one MoE layer (arXiv 2412.19437, §2.1.2).
 
     Per sequence of ``T`` tokens: ``Σ_i f_i P_i`` with ``f_i = E / (K T) · #{t : i ∈ top-k(t)}`` and
     ``P_i = 1 / T · Σ_t s'_{i,t}``, ``s'`` the affinities ``scores [T_all, E]`` normalised per token;
-    averaged over the sequences of ``seq_index [T_all]``. Its minimum, 1, is a perfectly even load.
+    averaged over the sequences of ``seq_index [T_all]`` (``num_seqs`` of them: ``seq_index.max() + 1``,
+    which a caller that knows it passes, sparing a device read per layer). Its minimum, 1, is a perfectly
+    even load.
     """
-    n_seq = int(seq_index.max()) + 1
+    n_seq = num_seqs if num_seqs is not None else int(seq_index.max()) + 1
     n_exp, top_k = scores.shape[1], idx.shape[1]
-    tokens = torch.bincount(seq_index, minlength=n_seq).clamp(min=1).to(scores.dtype).unsqueeze(1)  # [S, 1]
+    tokens = _counts(seq_index, n_seq).clamp(min=1).to(scores.dtype).unsqueeze(1)  # [S, 1]
     picked = torch.zeros(n_seq, n_exp, dtype=scores.dtype, device=scores.device)
     picked.index_put_((seq_index.unsqueeze(1).expand_as(idx), idx), torch.ones_like(idx, dtype=scores.dtype),
                       accumulate=True)
@@ -112,3 +116,9 @@ def seq_balance_loss(scores: torch.Tensor, idx: torch.Tensor, seq_index: torch.T
     share = scores / scores.sum(dim=-1, keepdim=True)
     p = torch.zeros(n_seq, n_exp, dtype=scores.dtype, device=scores.device).index_add(0, seq_index, share) / tokens
     return (f * p).sum(dim=1).mean()
+
+
+def _counts(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of ``0 … n-1`` occurs in ``ids``: ``bincount`` without its host sync (on CUDA it reads
+    ``ids.max()`` back to size its output, which would stall every MoE layer)."""
+    return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(0, ids, torch.ones_like(ids))

@@ -235,6 +235,7 @@ class Transformer(nn.Module):
             metadata=self.attn_backend.plan(batch, pool, k),
             positions=pos,
             seq_index=batch.req_index,
+            num_seqs=batch.num_requests,
             rope={"main": k.rope_cis(pos, self.main_inv_freq), "compress": k.rope_cis(pos, self.compress_inv_freq)},
         )
 
@@ -295,8 +296,10 @@ class Transformer(nn.Module):
                 p.zero_()
             elif leaf.endswith("_scale") or (leaf == "weight" and p.dim() == 1):
                 p.fill_(1.0)
-            else:
+            elif generator is None or generator.device == p.device:
                 p.normal_(0.0, std, generator=generator)
+            else:  # drawn on the generator's device: a CUDA model gets the weights its CPU twin gets
+                p.copy_(torch.empty(p.shape, dtype=p.dtype, device=generator.device).normal_(0.0, std, generator=generator))
         for module in self.modules():
             if isinstance(module, MoE):
                 gate = module.gate

@@ -34,7 +34,7 @@ class ExpertBalancer:
     def observe(self, load: Mapping[int, torch.Tensor]) -> None:
         """Add one forward's routed tokens per expert (``ModelOutput.expert_load``) to the step's."""
         for layer, counts in load.items():
-            counts = counts.detach().to("cpu", torch.int64)
+            counts = counts.detach().to(torch.int64)  # summed where the model runs: no host read per layer
             self.load[layer] = self.load[layer] + counts if layer in self.load else counts
 
     @torch.no_grad()
@@ -48,7 +48,9 @@ class ExpertBalancer:
                     continue
                 counts = counts.to(bias.device, torch.float32)
                 bias.add_(torch.sign(counts.mean() - counts), alpha=self.speed)
-        metrics = load_metrics(self.load)
+        # the metrics read the counts on the host: every layer's in one transfer
+        host = torch.stack(list(self.load.values())).cpu() if self.load else None
+        metrics = load_metrics(dict(zip(self.load, host, strict=True)) if host is not None else {})
         self.load = {}
         return metrics
 

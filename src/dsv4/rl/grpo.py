@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from dsv4.core.device import to_device
 from dsv4.core.interfaces import Verifier, VerifySample
 from dsv4.engine.engine import Engine
 from dsv4.engine.sampling import SamplingParams
@@ -213,6 +214,8 @@ class GRPOTrainer:
         parts = [range(i, min(i + size, len(rollouts))) for i in range(0, len(rollouts), size)]
         tokens = sum(len(r.completion_ids) for r in rollouts)
         first_update = not acc.grad_norms  # the policy is still the one that sampled
+        device = self.policy.embed.weight.device
+        advantages = to_device(advantages, device)  # rewards are scored on the host; one transfer per update
         self.optimizer.zero_grad(set_to_none=True)
         loss_total = 0.0
         for part in parts:
@@ -224,7 +227,7 @@ class GRPOTrainer:
                                              balance_loss=bool(cfg.seq_balance_loss_coef), share_prompts=cfg.share_prompt)
             self.balancer.observe(out.expert_load)
             logp, mask = pad(logps)
-            old, _ = pad([torch.tensor(r.behaviour_logprobs) for r in chunk])
+            old = to_device(pad([torch.tensor(r.behaviour_logprobs) for r in chunk])[0], device)
             if first_update:
                 acc.diffs.append((logp.detach() - old).abs()[mask])
             ref = None

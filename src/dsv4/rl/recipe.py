@@ -163,7 +163,7 @@ def run_recipe(config: TrainConfig) -> dict[str, Any]:
     tokenizer = _tokenizer(tok_dir) if config.task == "addition" else _copy_tokenizer(config, tok_dir)
     # A bad record fails here, before a model is built or a step trained.
     data = Dataset.load(config.data, tokenizer) if config.data is not None else None
-    policy = _policy(config, tokenizer)
+    policy = _policy(config, tokenizer).to(config.engine.device)  # made on the CPU (seeded), trained beside the engine
     engine_cfg = config.engine.model_copy(update={"return_token_logprobs": True,
                                                    "record_routing": config.grpo.routing_replay,
                                                    "batch_invariant": config.grpo.true_on_policy})

@@ -9,6 +9,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from dsv4.core.batch import ForwardBatch
+from dsv4.core.device import to_device
 from dsv4.engine.tokenizer import Tokenizer
 from dsv4.model import Transformer
 from dsv4.rl import algorithms
@@ -69,10 +70,10 @@ class SFTTrainer:
         batch = ForwardBatch.from_requests(seqs, sample="all", device=device)
         targets = torch.zeros(batch.num_tokens, dtype=torch.long)
         mask = torch.zeros(batch.num_tokens, dtype=torch.bool)
-        for start, (ids, n_prompt) in zip(batch.starts.tolist(), encoded, strict=True):
+        for start, (ids, n_prompt) in zip(batch.starts_host, encoded, strict=True):
             targets[start : start + len(ids) - 1] = torch.tensor(ids[1:])
             mask[start + n_prompt - 1 : start + len(ids) - 1] = True  # rows that predict the answer
-        targets, mask = targets.to(device), mask.to(device)
+        targets, mask = to_device(targets, device), to_device(mask, device)
         with_mtp = len(self.policy.mtp) > 0 and self.config.mtp_coef > 0
         out = self.policy.run(batch, mtp_ids=targets if with_mtp else None,
                               indexer_loss=self.config.indexer_coef > 0,
