@@ -100,7 +100,7 @@ def test_model_and_engine_overrides_change_one_key() -> None:
 
     recipe = Path(dsv4.__file__).parent / "recipes" / "addition.yaml"
     cfg = load_run_config(TrainConfig, recipe, ["model.sliding_window=16", "engine.max_num_seqs=64"])
-    assert cfg.model == {**ADDITION_MODEL, "sliding_window": 16}
+    assert cfg.model == {**ADDITION_MODEL, "bias_update_speed": 0, "sliding_window": 16}  # the yaml pins the bias
     assert cfg.engine.max_num_seqs == 64 and cfg.engine.max_model_len == 32  # the recipe's, kept
 
 
