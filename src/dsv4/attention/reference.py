@@ -454,6 +454,17 @@ class ReferenceAttentionBackend:
         ent_slots = plan.slots(ent_stream, "write", rp.emit_req, rp.emit_block)
         return self._store(plan, lid, ent_stream, ent_slots, entries)
 
+    @staticmethod
+    def _entry_rope(plan: ReferencePlan, rp: _RatioPlan, compressor: CompressorParams) -> torch.Tensor:
+        """The rope rotations of the entries emitted this step (at their block's first position), made once
+        per step and ratio: keyed by the frequencies' values, so every compressor of the ratio (each owns a
+        copy of the same table) shares them. For backends whose kernels rotate entries themselves."""
+        key = ("cis", tuple(compressor.inv_freq.tolist()))
+        cis = rp.derived.get(key)
+        if cis is None:
+            cis = rp.derived[key] = plan.kernels.rope_cis(rp.emit_block * rp.ratio, compressor.inv_freq)
+        return cis
+
     def _compress_entries(
         self, plan: ReferencePlan, rows: torch.Tensor, slots: torch.Tensor, rp: _RatioPlan, compressor: CompressorParams
     ) -> torch.Tensor:

@@ -55,15 +55,9 @@ class TritonAttentionBackend(ReferenceAttentionBackend):
     ) -> torch.Tensor:
         if plan.kernels.mode != "inference" or compressor.finish is not None:  # fake quantisation: the reference's
             return super()._compress_entries(plan, rows, slots, rp, compressor)
-        # Keyed by the frequencies' values: every compressor of this ratio (each owns a copy of the
-        # same table) then shares one rope table per step.
-        key = ("cis", tuple(compressor.inv_freq.tolist()))
-        cis = rp.derived.get(key)
-        if cis is None:
-            cis = rp.derived[key] = plan.kernels.rope_cis(rp.emit_block * rp.ratio, compressor.inv_freq)
         return kernels.compress_entries(
             rows, slots, rp.emit_valid, ape=compressor.ape, norm_weight=compressor.norm.weight,
-            eps=compressor.norm.eps, cis=cis, overlap=compressor.overlap,
+            eps=compressor.norm.eps, cis=self._entry_rope(plan, rp, compressor), overlap=compressor.overlap,
         )
 
     def _indexer_topk(
