@@ -160,7 +160,7 @@ def summarize(times: list[float], cpu: list[float], rewards: list[float], tokens
 
 
 # ---------------------------------------------------------------------------------------------- arithmetic floor
-# The engine prefills a common start of one generate() call once from this many tokens (engine._MIN_SHARED_START).
+# The engine prefills a common start of one generate() call once from this many tokens (dsv4.engine.sharing.MIN_SHARED_START).
 ENGINE_SHARED_START = 16
 
 

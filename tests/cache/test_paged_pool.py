@@ -1,4 +1,5 @@
-"""Property tests of the paged KV pool: no page leaked or double-owned, live rows stay addressable."""
+"""Property tests of the paged KV pool: no page leaked, every page's holder count exact, live rows stay
+addressable and keep their values while other holders share and extend the same prefix."""
 
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ class PoolMachine(RuleBasedStateMachine):
         self.lengths: dict[int, int] = {}
         self.rows: dict[tuple[int, str, int], float] = {}  # (rid, stream, row) -> value written
 
-    @rule(rid=st.integers(0, 11), n=st.integers(1, 40))
-    def extend(self, rid: int, n: int) -> None:
-        """add (new rid) or extend a request by n tokens, write its new rows, drop what it no longer reads."""
+    @rule(rid=st.integers(0, 11), n=st.integers(1, 40), data=st.data())
+    def extend(self, rid: int, n: int, data: st.DataObject) -> None:
+        """add (new rid) or extend a request by n tokens, write its new rows, drop what it no longer reads.
+        Before it drops them, another request may share its cache at any point the step computed (a
+        prefix-cache checkpoint taken mid-chunk)."""
         old = self.lengths.get(rid, 0)
         try:
             self.pool.reserve(rid, old + n)
@@ -47,7 +50,27 @@ class PoolMachine(RuleBasedStateMachine):
                     buf[slots] = (rid * 1000 + rows).float().unsqueeze(1).expand(-1, s.width)
                 for r in rows.tolist():
                     self.rows[(rid, s.name, r)] = rid * 1000 + r
+        dst = data.draw(st.integers(0, 11))
+        if dst not in self.lengths and data.draw(st.booleans()):
+            self._share(rid, dst, data.draw(st.integers(max(old, 1), old + n)))
         self.pool.release(rid, old + n)
+
+    def _share(self, src: int, dst: int, at: int) -> None:
+        try:
+            self.pool.share(src, dst, at)
+        except PoolExhausted:
+            return  # the pool must be unchanged: checked by the invariants
+        self.lengths[dst] = at
+        self.rows.update({(dst, s.name, r): self.rows[(src, s.name, r)]
+                          for s in STREAMS for r in range(s.keep_from(at), s.length(at))})
+
+    @precondition(lambda self: self.lengths)
+    @rule(data=st.data(), dst=st.integers(0, 11))
+    def share_all(self, data: st.DataObject, dst: int) -> None:
+        """A request shares another's whole cache (prompt sharing, a checkpoint resumed)."""
+        src = data.draw(st.sampled_from(sorted(self.lengths)))
+        if dst not in self.lengths:
+            self._share(src, dst, self.lengths[src])
 
     @precondition(lambda self: self.lengths)
     @rule(data=st.data())
@@ -82,12 +105,20 @@ class PoolMachine(RuleBasedStateMachine):
             assert self.pool.pages_used(s.name) + self.pool.pages_free(s.name) == self.total[s.name]
 
     @invariant()
-    def no_page_double_owned(self) -> None:
+    def holder_counts_are_exact(self) -> None:
+        """A page is in as many page tables as its count says, at most once in each; free exactly at 0."""
         for s in STREAMS:
-            owned = [p for pages in self.pool.owners(s.name).values() for p in pages]
-            assert len(owned) == len(set(owned))
-            assert 0 not in owned  # the null page is never handed out
-            assert set(self.pool.owners(s.name)) <= set(self.lengths)
+            owners = self.pool.owners(s.name)
+            counts: dict[int, int] = {}
+            for pages in owners.values():
+                assert len(pages) == len(set(pages))
+                for p in pages:
+                    counts[p] = counts.get(p, 0) + 1
+            assert 0 not in counts  # the null page is never handed out
+            assert set(owners) <= set(self.lengths)
+            for page in range(1, self.total[s.name] + 1):
+                assert self.pool.holders(s.name, page) == counts.get(page, 0)
+            assert self.pool.pages_used(s.name) == len(counts)
 
     @invariant()
     def live_rows_keep_their_values(self) -> None:
@@ -165,3 +196,57 @@ def test_fork_rejects_repeated_targets_and_targets_with_pages() -> None:
     used = {s.name: pool.pages_used(s.name) for s in STREAMS}
     pool.fork(0, [2, 3, 4])
     assert all(pool.pages_used(n) == used[n] + 3 * len(pool.owners(n)[0]) for n in used)
+
+
+def test_share_copies_only_the_last_partial_page_and_counts_holders() -> None:
+    pool = PagedKVPool(STREAMS, {s.name: 16 for s in STREAMS}, page_size=2)
+    pool.reserve(0, 21)
+    pool.share(0, 1, 21)
+    for s in STREAMS:
+        src, dst = pool.owners(s.name)[0], pool.owners(s.name)[1]
+        rows = s.length(21)
+        full = rows // 2
+        first = s.keep_from(21) // 2
+        assert dst[: full - first] == src[first:full]  # the full pages: the same ones
+        if rows % 2:
+            assert dst[-1] not in src  # the partly written page: a copy of its own
+        for p in src[first:full]:
+            assert pool.holders(s.name, p) == 2
+    pool.release(0)
+    pool.release(1)
+    assert all(pool.pages_used(s.name) == 0 for s in STREAMS)
+
+
+def test_share_refuses_what_it_cannot_give() -> None:
+    pool = PagedKVPool(STREAMS, {s.name: 16 for s in STREAMS}, page_size=2)
+    pool.reserve(0, 30)
+    pool.release(0, 30)  # the window's old pages are gone
+    with pytest.raises(ValueError, match="does not hold the rows of stream 'win'"):
+        pool.share(0, 1, 12)
+    with pytest.raises(ValueError, match="does not hold"):
+        pool.share(0, 1, 31)  # more tokens than it has
+    with pytest.raises(ValueError, match="itself"):
+        pool.share(0, 0, 30)
+    pool.share(0, 1, 30)
+    with pytest.raises(ValueError, match="already holds pages"):
+        pool.share(0, 1, 30)
+
+
+def test_a_short_pool_asks_the_reclaimer_before_giving_up() -> None:
+    pool = PagedKVPool(STREAMS, {s.name: 6 for s in STREAMS}, page_size=2)
+    pool.reserve(-1, 10)  # a holder the reclaimer may give back
+    calls = []
+
+    def reclaim() -> bool:
+        calls.append(1)
+        if -1 in pool.owners("win"):
+            pool.release(-1)
+            return True
+        return False
+
+    pool.reclaimer = reclaim
+    pool.reserve(0, 12)  # needs pages only the holder has
+    assert calls and -1 not in pool.owners("win")
+    with pytest.raises(PoolExhausted):
+        pool.reserve(0, 200)  # nothing left to reclaim: refused, pool unchanged
+    assert pool.owners("c4.ent")[0] == pool.owners("c4.ent")[0][:3]

@@ -21,6 +21,13 @@ VOCAB = 320  # the conftest checkpoint's
 _REFERENCE: dict[tuple[int, ...], list[int]] = {}
 
 
+def _assert_nothing_held(engine: Engine) -> None:
+    """No request holds a page; flushing the prefix cache then frees every page (nothing leaked)."""
+    assert engine.kv_stats()["total"]["bytes"] == 0
+    engine.flush_cache()
+    assert all(engine.pool.pages_used(s) == 0 for s in engine.pool.streams)
+
+
 def _reference(model: Transformer, prompt: list[int], n: int) -> list[int]:
     key = (*prompt, -n)
     if key not in _REFERENCE:
@@ -39,7 +46,8 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
         dict(),  # roomy: everything in one step
         dict(max_num_batched_tokens=7, page_size=4),  # chunk boundaries everywhere, inside blocks too
         dict(max_num_batched_tokens=16, max_num_seqs=3, page_size=2),  # few running at once
-        dict(max_num_batched_tokens=12, max_num_seqs=4, page_size=2, kv_cache_tokens=60),  # forced preemption
+        dict(max_num_batched_tokens=12, max_num_seqs=4, page_size=2, kv_cache_tokens=60,
+             window_checkpoints=0),  # forced preemption
     ],
     ids=["roomy", "tiny-chunks", "few-seqs", "preemption"],
 )
@@ -56,7 +64,7 @@ def test_greedy_batched_equals_full_recompute(model_dir: Path, ref_model: Transf
     if "kv_cache_tokens" in options:
         assert engine.stats["preemptions"] > 0
     assert sum(out.metrics.num_preemptions for out in outs) == engine.stats["preemptions"]
-    assert all(engine.pool.pages_used(s) == 0 for s in engine.pool.streams)
+    _assert_nothing_held(engine)
 
 
 def test_logprobs_match_plain_forward(model_dir: Path, ref_model: Transformer) -> None:
@@ -164,7 +172,7 @@ def test_abort_frees_pages(model_dir: Path) -> None:
     assert final is not None and final.outputs[0].finish_reason == "abort"
     while engine.has_unfinished():
         engine.step()
-    assert all(engine.pool.pages_used(s) == 0 for s in engine.pool.streams)
+    _assert_nothing_held(engine)
     assert engine.abort("a") is None
 
 
@@ -178,13 +186,19 @@ def test_kv_stats_are_exact(model_dir: Path) -> None:
     pool = engine.pool
     context = sum(s.num_computed for r in engine.requests.values() for s in r.seqs)
     assert stats["total"]["context_tokens"] == context == 39
-    held = 0
+    held = cached = 0
     for name, spec in pool.streams.items():
-        pages = sum(len(p) for p in pool.owners(name).values())  # type: ignore[attr-defined]
-        nbytes = pages * pool.page_size * spec.width * 4 * len(spec.layers)  # type: ignore[attr-defined]
-        assert stats[name]["bytes"] == nbytes
-        held += nbytes
+        owners = pool.owners(name)  # type: ignore[attr-defined]
+        requests = {p for rid, pages in owners.items() if rid >= 0 for p in pages}  # checkpoints are < 0
+        checkpoints = {p for rid, pages in owners.items() if rid < 0 for p in pages} - requests
+        row_bytes = pool.page_size * spec.width * 4 * len(spec.layers)  # type: ignore[attr-defined]
+        assert stats[name]["bytes"] == len(requests) * row_bytes
+        assert stats[name]["cached_bytes"] == len(checkpoints) * row_bytes
+        held += len(requests) * row_bytes
+        cached += len(checkpoints) * row_bytes
+    assert checkpoints  # the 30-token prompt is checkpointed at its last token (a 9-token one is too short)
     assert stats["total"]["bytes_per_token"] == held / context
+    assert stats["total"]["cached_bytes"] == stats["prefix_cache"]["bytes"] == cached
 
 
 def test_packed_weights_option(model_dir: Path, ref_model: Transformer) -> None:
@@ -224,9 +238,10 @@ def test_engine_serves_synced_weights_not_stale_packed_copies(model_dir: Path) -
 
 # ---------------------------------------------------------------------------------------------- n > 1
 def _samples(model_dir: Path, share: bool, prompts: list[list[int]], params: SamplingParams, **options: object):
-    engine = Engine(model_dir, share_prompt=share, **options)
+    """``share=False``: every sample computes its prompt itself (no copies, no prefix cache)."""
+    engine = Engine(model_dir, share_prompt=share, prefix_cache=share, **options)
     outs = engine.generate(prompts, params)
-    assert all(engine.pool.pages_used(s) == 0 for s in engine.pool.streams)
+    _assert_nothing_held(engine)
     return engine, outs
 
 
@@ -247,7 +262,8 @@ def _assert_same_outputs(got: list, want: list) -> None:
 SHARING_OPTIONS = pytest.mark.parametrize(
     "options",
     [dict(), dict(max_num_batched_tokens=7, page_size=2), dict(max_num_batched_tokens=12, max_num_seqs=5,
-                                                               page_size=2, kv_cache_tokens=90)],
+                                                               page_size=2, kv_cache_tokens=90,
+                                                               window_checkpoints=0)],
     ids=["roomy", "tiny-chunks", "preemption"],
 )
 
@@ -290,15 +306,17 @@ def test_abort_before_the_shared_prompt_is_prefilled(model_dir: Path) -> None:
     while engine.has_unfinished():
         outs += engine.step()
     assert [len(o.token_ids) for o in outs[-1].outputs] == [3, 3]
-    assert all(engine.pool.pages_used(s) == 0 for s in engine.pool.streams)
+    _assert_nothing_held(engine)
 
 
 def test_samples_that_find_no_pages_prefill_themselves(model_dir: Path) -> None:
     """A pool too small to copy the prompt's cache at once: the samples queue and prefill later."""
     params = SamplingParams(n=4, temperature=0, max_tokens=4, ignore_eos=True)
     prompt = _prompts(1, seed=8)[0] * 2
-    _, shared = _samples(model_dir, True, [prompt], params, max_num_seqs=2, page_size=2, kv_cache_tokens=110)
-    _, alone = _samples(model_dir, False, [prompt], params, max_num_seqs=2, page_size=2, kv_cache_tokens=110)
+    _, shared = _samples(model_dir, True, [prompt], params, max_num_seqs=2, page_size=2, kv_cache_tokens=110,
+                        window_checkpoints=0)
+    _, alone = _samples(model_dir, False, [prompt], params, max_num_seqs=2, page_size=2, kv_cache_tokens=110,
+                        window_checkpoints=0)
     assert [o.token_ids for o in shared[0].outputs] == [o.token_ids for o in alone[0].outputs]
 
 
@@ -362,8 +380,8 @@ def test_short_common_starts_and_aborted_waiters(model_dir: Path) -> None:
 
     engine.step = step_then_abort  # type: ignore[method-assign]
     assert list(engine.iter_generate(_with_common_start(2, seed=42), SamplingParams(max_tokens=3))) == []
-    assert not engine.scheduler.has_work() and not engine._starts
-    assert all(engine.pool.pages_used(s) == 0 for s in engine.pool.streams)
+    assert not engine.scheduler.has_work() and not engine.sharing.starts
+    _assert_nothing_held(engine)
 
 
 def test_generate_queues_nothing_when_one_prompt_is_bad(model_dir: Path) -> None:

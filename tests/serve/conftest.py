@@ -81,8 +81,9 @@ class RunningServer:
 
 
 def _pages_used(engine: Engine) -> dict[str, int]:
-    pool: Any = engine.pool
-    return {s: int(pool.pages_used(s)) for s in pool.streams}
+    """Pages requests hold (not those only prefix-cache checkpoints hold)."""
+    stats = engine.kv_stats()
+    return {s: int(stats[s]["pages_used"] - stats[s]["pages_cached"]) for s in engine.pool.streams}
 
 
 def _has_work(engine: Engine) -> bool:

@@ -107,7 +107,10 @@ def test_cli_round_trip(tmp_path: Path, batch_model_dir: Path, engine: Engine) -
         rec, want = records[rid], result.outputs[0]
         assert rec["outputs"][0]["token_ids"] == want.token_ids and rec["outputs"][0]["text"] == want.text
         assert rec["outputs"][0]["finish_reason"] == "length"
-        assert rec["usage"] == {"prompt_tokens": len(result.prompt_token_ids), "completion_tokens": len(want.token_ids)}
+        usage = rec["usage"]
+        assert usage["prompt_tokens"] == len(result.prompt_token_ids)
+        assert usage["completion_tokens"] == len(want.token_ids)
+        assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
     assert records["text"]["prompt"] == "The little robot" and "prompt" not in records["ids"]
     logprobs = records["lp"]["outputs"][0]["logprobs"]
     lp_tokens = records["lp"]["outputs"][0]["token_ids"]

@@ -67,7 +67,7 @@ def api_schema(fuzz_srv: Any) -> Any:
 
 OPERATIONS = [("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models"), ("POST", "/v1/completions"),
               ("POST", "/v1/chat/completions"), ("POST", "/generate"), ("POST", "/tokenize"),
-              ("POST", "/detokenize")]
+              ("POST", "/detokenize"), ("POST", "/flush_cache")]
 
 
 def test_schema_lists_every_route(api_schema: Any) -> None:

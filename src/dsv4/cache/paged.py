@@ -3,13 +3,18 @@
 Every stream (see :class:`~dsv4.core.kv.StreamSpec`) has its own pages, shared by all layers that
 have the stream: page ``p`` of stream ``s`` is rows ``p*P … p*P+P-1`` of every such layer's buffer.
 Page 0 is never handed out; reads of rows that do not exist (masked by the attention plan) land there.
+
+Pages are reference-counted: :meth:`PagedKVPool.share` gives a second holder (another request, a
+prefix-cache checkpoint) the full pages of a prefix without copying them. Rows are written once, when
+their token is computed, and never again, so a page whose every row is written can be read by any
+number of holders; only a prefix's last, partly written page is copied.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -33,7 +38,7 @@ class PagedKVPool:
     """Paged storage for every stream of an attention backend's KV layout."""
 
     name: ClassVar[str] = "paged"
-    capabilities: ClassVar[frozenset[str]] = frozenset({"paged", "window_recycling", "fork"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"paged", "window_recycling", "fork", "share"})
 
     def __init__(
         self,
@@ -55,6 +60,11 @@ class PagedKVPool:
             for layer in s.layers
         }
         self._free = {name: list(range(n - 1, 0, -1)) for name, n in self.num_pages.items()}
+        # Holders of each page (page tables it is in); a page is free exactly when its count is 0.
+        self._refs = {name: np.zeros(n, dtype=np.int32) for name, n in self.num_pages.items()}
+        # Called when a stream runs short of pages: frees something (a prefix cache evicts a
+        # checkpoint) and returns True, or returns False when it has nothing left to give.
+        self.reclaimer: Callable[[], bool] | None = None
         self._tables: dict[str, dict[int, list[int]]] = {name: {} for name in self.streams}
         self.device = torch.device(device)
         # The same page tables as arrays (one row per live request, 0 = no page), kept in step with the
@@ -108,23 +118,47 @@ class PagedKVPool:
             have = len(self._tables[name].get(rid, ()))
             want = math.ceil(spec.length(num_tokens) / self.page_size)
             if want > have:
-                if want - have > len(self._free[name]):
-                    raise PoolExhausted(
-                        f"stream {name!r}: request {rid} needs {want - have} more pages, {len(self._free[name])} free"
-                    )
                 need[name] = want - have
+        short = self._make_room(need)
+        if short is not None:
+            raise PoolExhausted(
+                f"stream {short!r}: request {rid} needs {need[short]} more pages, {len(self._free[short])} free"
+            )
         row = self._row_of(rid)
         for name, extra in need.items():
             table = self._tables[name].setdefault(rid, [])
             first = len(table)
-            table.extend(self._free[name].pop() for _ in range(extra))
+            table.extend(self._take(name) for _ in range(extra))
             pt = self._grow(name, row + 1, len(table))
             pt[row, first : len(table)] = table[first:]
         if need:
             self._release_at.pop(rid, None)  # a stream may have its first pages now
+        self._note_covered(rid)
+
+    def _note_covered(self, rid: int) -> None:
         # n tokens need ceil((n // ratio) / P) pages: covered while n < (pages · P + 1) · ratio
         self._covered[rid] = min((len(self._tables[name].get(rid, ())) * self.page_size + 1) * spec.ratio - 1
                                  for name, spec in self.streams.items())
+
+    def _make_room(self, need: Mapping[str, int]) -> str | None:
+        """Ask the reclaimer for pages until every stream has ``need[stream]`` free; the first stream
+        still short when it has nothing left to give, or ``None``."""
+        while True:
+            short = next((name for name, k in need.items() if k > len(self._free[name])), None)
+            if short is None or self.reclaimer is None or not self.reclaimer():
+                return short
+
+    def _take(self, stream: str) -> int:
+        page = self._free[stream].pop()
+        self._refs[stream][page] = 1
+        return page
+
+    def _drop(self, stream: str, page: int) -> None:
+        """One holder fewer for ``page``; free once it has none."""
+        refs = self._refs[stream]
+        refs[page] -= 1
+        if refs[page] == 0:
+            self._free[stream].append(page)
 
     def slots(self, stream: str, rids: Sequence[int], req: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
         """Physical rows of ``(rids[req], logical)``; rows outside a request's pages map to page 0."""
@@ -177,7 +211,9 @@ class PagedKVPool:
             row = self._rows[rid]
             released = self._released[name]
             if num_tokens is None:
-                self._free[name].extend(p for p in reversed(table) if p != _FREED)
+                for p in reversed(table):
+                    if p != _FREED:
+                        self._drop(name, p)
                 del self._tables[name][rid]
                 released.pop(rid, None)
                 self._pt_np[name][row] = 0
@@ -186,7 +222,7 @@ class PagedKVPool:
             whole_pages = min(spec.keep_from(num_tokens) // self.page_size, len(table))
             for k in range(released.get(rid, 0), whole_pages):
                 if table[k] != _FREED:
-                    self._free[name].append(table[k])
+                    self._drop(name, table[k])
                     table[k] = _FREED
                     self._pt_np[name][row, k] = 0
                     self._pt_device.pop(name, None)
@@ -223,11 +259,11 @@ class PagedKVPool:
         for d in dsts:
             if any(d in tables for tables in self._tables.values()):
                 raise ValueError(f"fork: request {d} already holds pages")
-        for name in self.streams:
-            live = sum(p != _FREED for p in self._tables[name].get(src, ()))
-            if live * len(dsts) > len(self._free[name]):
-                raise PoolExhausted(f"stream {name!r}: forking request {src} {len(dsts)} times needs "
-                                    f"{live * len(dsts)} pages, {len(self._free[name])} free")
+        need = {name: sum(p != _FREED for p in self._tables[name].get(src, ())) * len(dsts) for name in self.streams}
+        short = self._make_room(need)
+        if short is not None:
+            raise PoolExhausted(f"stream {short!r}: forking request {src} {len(dsts)} times needs "
+                                f"{need[short]} pages, {len(self._free[short])} free")
         rows = [self._row_of(d) for d in dsts]
         lane = torch.arange(self.page_size)
         for name, spec in self.streams.items():
@@ -236,7 +272,7 @@ class PagedKVPool:
                 continue
             src_pages, dst_pages = [], []
             for d, row in zip(dsts, rows, strict=True):
-                copy = [_FREED if p == _FREED else self._free[name].pop() for p in table]
+                copy = [_FREED if p == _FREED else self._take(name) for p in table]
                 self._tables[name][d] = copy
                 if src in self._released[name]:
                     self._released[name][d] = self._released[name][src]
@@ -253,6 +289,59 @@ class PagedKVPool:
                 for layer in spec.layers:
                     buf = self._buffers[(layer, name)]
                     buf[dst_rows] = buf[src_rows]
+
+    def share(self, src: int, dst: int, num_tokens: int) -> None:
+        """Give ``dst`` (holding no pages) the rows a request of ``num_tokens`` tokens reads, as ``src``
+        holds them: in every stream, ``src``'s full pages of those rows become ``dst``'s too (one more
+        holder each, no copy), and the last, partly written page is copied into a page of ``dst``'s own,
+        so that each goes on writing its own rows. ``src`` must have computed at least ``num_tokens``
+        tokens and still hold every row a request of ``num_tokens`` tokens reads (a checkpoint taken
+        at ``num_tokens``, or a running request that has not released past it). All or nothing:
+        raises :class:`PoolExhausted` (pool unchanged) when a stream lacks a page for the copy."""
+        if src == dst:
+            raise ValueError(f"share: request {src} cannot share with itself")
+        if any(dst in tables for tables in self._tables.values()):
+            raise ValueError(f"share: request {dst} already holds pages")
+        P = self.page_size
+        spans: dict[str, tuple[int, int]] = {}  # stream -> its pages [first, last) that dst reads
+        need: dict[str, int] = {}
+        for name, spec in self.streams.items():
+            rows = spec.length(num_tokens)
+            if rows == 0:
+                continue
+            first, last = spec.keep_from(num_tokens) // P, -(-rows // P)
+            table = self._tables[name].get(src, [])
+            if last > len(table) or _FREED in table[first:last]:
+                raise ValueError(f"share: request {src} does not hold the rows of stream {name!r} that a request "
+                                 f"of {num_tokens} tokens reads")
+            spans[name] = (first, last)
+            need[name] = int(rows % P != 0)
+        short = self._make_room(need)
+        if short is not None:
+            raise PoolExhausted(f"stream {short!r}: sharing {num_tokens} tokens of request {src} needs a page, none free")
+        row = self._row_of(dst)
+        lane = torch.arange(P)
+        for name, (first, last) in spans.items():
+            table = self._tables[name][src]
+            mine = [_FREED] * first
+            for k in range(first, last - need[name]):
+                self._refs[name][table[k]] += 1
+                mine.append(table[k])
+            if need[name]:  # the partly written last page: a copy, in every layer that has the stream
+                page = self._take(name)
+                src_rows = to_device(table[last - 1] * P + lane, self.device)
+                dst_rows = to_device(page * P + lane, self.device)
+                for layer in self.streams[name].layers:
+                    buf = self._buffers[(layer, name)]
+                    buf[dst_rows] = buf[src_rows]
+                mine.append(page)
+            self._tables[name][dst] = mine
+            if first:
+                self._released[name][dst] = first
+            pt = self._grow(name, row + 1, len(mine))
+            pt[row, : len(mine)] = [0 if p == _FREED else p for p in mine]
+        self._release_at.pop(dst, None)
+        self._note_covered(dst)
 
     def _row_of(self, rid: int) -> int:
         if rid not in self._rows:
@@ -294,5 +383,27 @@ class PagedKVPool:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
     def owners(self, stream: str) -> dict[int, list[int]]:
-        """Live pages of every request in ``stream`` (for invariant checks)."""
+        """Live pages of every holder in ``stream`` (a shared page is listed under each of its holders)."""
         return {rid: [p for p in t if p != _FREED] for rid, t in self._tables[stream].items()}
+
+    def holders(self, stream: str, page: int) -> int:
+        """How many page tables of ``stream`` hold ``page`` (0: the page is free)."""
+        return int(self._refs[stream][page])
+
+    def pages_only_held_by(self, stream: str, rids: Collection[int]) -> int:
+        """Pages of ``stream`` that no holder outside ``rids`` holds (what releasing them all would free)."""
+        mine: set[int] = set()
+        others: set[int] = set()
+        for rid, table in self._tables[stream].items():
+            (mine if rid in rids else others).update(p for p in table if p != _FREED)
+        return len(mine - others)
+
+    def bytes_only_held_by(self, rids: Collection[int]) -> int:
+        """Bytes of the pages (every stream, every layer) that no holder outside ``rids`` holds: what
+        releasing all of ``rids`` would free (a prefix cache's own footprint)."""
+        keep = set(rids)
+        total = 0
+        for name, spec in self.streams.items():
+            element = self._buffers[(spec.layers[0], name)].element_size()
+            total += self.pages_only_held_by(name, keep) * self.page_size * spec.bytes_per_row(element)
+        return total

@@ -15,7 +15,7 @@ builds objects once, so no hook runs on a hot path.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeGuard, TypeVar, runtime_checkable
 
@@ -44,6 +44,7 @@ __all__ = [
     "KernelSet",
     "LinearWeights",
     "NormParams",
+    "ResumingScheduler",
     "RoutingTrace",
     "STEP_MODES",
     "ScheduledBatch",
@@ -51,12 +52,15 @@ __all__ = [
     "Scheduler",
     "SeqT",
     "SequenceStatus",
+    "SharingKVPool",
     "StepMode",
     "Verifier",
     "VerifyResult",
     "VerifySample",
     "can_adopt",
     "can_fork",
+    "can_resume",
+    "can_share",
 ]
 
 
@@ -271,6 +275,36 @@ class ForkingKVPool(KVPool, Protocol):
 def can_fork(pool: KVPool) -> TypeGuard[ForkingKVPool]:
     """Whether ``pool`` declares the ``"fork"`` capability, and so is a :class:`ForkingKVPool`."""
     return "fork" in pool.capabilities
+
+
+@runtime_checkable
+class SharingKVPool(KVPool, Protocol):
+    """A :class:`KVPool` with the ``"share"`` capability: holders share the pages of a common prefix
+    (what a prefix cache, and prompt sharing without copies, are built on)."""
+
+    #: Called when a stream runs short of pages: frees something (the engine's prefix cache evicts
+    #: a checkpoint) and returns True, or returns False when it has nothing left to give.
+    reclaimer: Callable[[], bool] | None
+
+    def share(self, src: int, dst: int, num_tokens: int) -> None:
+        """Give ``dst`` (holding no pages) every row a request of ``num_tokens`` tokens reads, as ``src``
+        holds them, each then writing its own rows from there; ``src`` has computed at least
+        ``num_tokens`` tokens and still holds those rows. Raises :class:`MemoryError` (pool unchanged)
+        when pages run out."""
+        ...
+
+    def pages_only_held_by(self, stream: str, rids: Collection[int]) -> int:
+        """Pages of ``stream`` that releasing every holder in ``rids`` would free."""
+        ...
+
+    def bytes_only_held_by(self, rids: Collection[int]) -> int:
+        """Bytes (every stream) that releasing every holder in ``rids`` would free."""
+        ...
+
+
+def can_share(pool: KVPool) -> TypeGuard[SharingKVPool]:
+    """Whether ``pool`` declares the ``"share"`` capability, and so is a :class:`SharingKVPool`."""
+    return "share" in pool.capabilities
 
 
 # --------------------------------------------------------------------------------------------------
@@ -560,6 +594,23 @@ class AdoptingScheduler(Scheduler[SeqT], Protocol[SeqT]):
 def can_adopt(scheduler: Scheduler[SeqT]) -> TypeGuard[AdoptingScheduler[SeqT]]:
     """Whether ``scheduler`` declares the ``"fork"`` capability, and so is an :class:`AdoptingScheduler`."""
     return "fork" in scheduler.capabilities
+
+
+@runtime_checkable
+class ResumingScheduler(Scheduler[SeqT], Protocol[SeqT]):
+    """A :class:`Scheduler` with the ``"prefix_cache"`` capability: a waiting sequence may resume from a
+    cached prefix instead of computing its tokens from the first."""
+
+    #: Set by the engine. Called on a waiting sequence that holds no pages just before the scheduler
+    #: admits it: it may give the sequence the pages of a cached prefix and set ``num_computed`` to
+    #: that prefix's length. When the sequence then cannot be admitted, the scheduler releases its
+    #: pages and sets ``num_computed`` back to 0 (a waiting sequence holds no pages).
+    resume: Callable[[SeqT], None] | None
+
+
+def can_resume(scheduler: Scheduler[SeqT]) -> TypeGuard[ResumingScheduler[SeqT]]:
+    """Whether ``scheduler`` declares the ``"prefix_cache"`` capability (a :class:`ResumingScheduler`)."""
+    return "prefix_cache" in scheduler.capabilities
 
 
 #: The interfaces by the hook-friendly kind name used in the registry.

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dsv4.engine.async_engine import AsyncEngine, QueueFullError
-    from dsv4.engine.engine import Engine, EngineConfig
+    from dsv4.engine.config import EngineConfig
+    from dsv4.engine.engine import Engine
     from dsv4.engine.outputs import CompletionOutput, Logprob, RequestOutput
     from dsv4.engine.sampling import SamplingParams
 
@@ -26,7 +27,7 @@ _WHERE = {
     "AsyncEngine": "async_engine",
     "QueueFullError": "async_engine",
     "Engine": "engine",
-    "EngineConfig": "engine",
+    "EngineConfig": "config",
     "CompletionOutput": "outputs",
     "Logprob": "outputs",
     "RequestOutput": "outputs",

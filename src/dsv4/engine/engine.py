@@ -7,85 +7,34 @@
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence as Seq
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from loguru import logger
-from pydantic import Field
 
-from dsv4.core.batch import ForwardBatch, common_prefix
-from dsv4.core.interfaces import KVPool, RoutingTrace, Scheduler, can_adopt, can_fork
+from dsv4.cache.prefix import PrefixCache
+from dsv4.core.batch import ForwardBatch
+from dsv4.core.interfaces import KVPool, RoutingTrace, Scheduler
 from dsv4.core.numerics import token_logprobs
-from dsv4.core.kv import StreamSpec
 from dsv4.core.plugins import choose_plugins, get_registry
-from dsv4.core.runconfig import RunConfigModel
 from dsv4.core.runtime import tune_allocator
+from dsv4.engine.caching import SequenceCache
+from dsv4.engine.config import DTYPES, EngineConfig, pool_pages
 from dsv4.engine.detok import IncrementalDetokenizer, StopChecker
 from dsv4.engine.outputs import RequestOutput
 from dsv4.engine.request import Request, Sequence, SequenceStatus
 from dsv4.engine.sampling import Sampler, SamplingParams, SequenceSampling
+from dsv4.engine.sharing import PromptSharing
 from dsv4.engine.tokenizer import Tokenizer
 from dsv4.model import Transformer, load_model
 
 __all__ = ["Engine", "EngineConfig", "Prompt"]
 
 Prompt = str | list[int]
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class EngineConfig(RunConfigModel):
-    """Engine options (each is also a ``dsv4.Engine(...)`` keyword and a ``key=value`` override)."""
-
-    model: str | None = None  # checkpoint directory (config.json, safetensors, tokenizer.json)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # CPU: keep float32
-    device: str = "cpu"  # where a checkpoint is loaded ("cuda", "cuda:1"); a model passed in stays where it is
-    # Plugin names (see `dsv4 plugins`). "auto" (decided by dsv4.core.plugins.choose_plugins): the
-    # native-kernel "cpu" plugins where they apply (CPU, native_kernels, not batch_invariant), else the
-    # "reference" backend, for experts "grouped" (batched small steps) or "reference" in batch-invariant
-    # mode, and for kernels "reference" (autograd), "batch_invariant", and "cpu" or "reference" for
-    # inference. A named kernel set computes every step mode it declares. A model passed in keeps
-    # third-party plugins under "auto"; built-in PyTorch ones are swapped for the auto choice.
-    attention_backend: str = "auto"
-    expert_executor: str = "auto"
-    kernels: str = "auto"
-    kv_pool: str = "paged"
-    scheduler: str = "fcfs"
-    fake_quant: bool = False  # reproduce the reference's FP8/FP4 activation quantisation
-    max_model_len: int | None = Field(default=None, ge=2)  # prompt + output; default min(config, 8192)
-    max_num_seqs: int = Field(default=64, ge=1)  # sequences running at once
-    max_num_batched_tokens: int = Field(default=2048, ge=1)  # new tokens per step (prefill chunks + decodes)
-    chunked_prefill: bool = True
-    page_size: int = Field(default=16, ge=1)
-    # Context tokens the compressed-entry pools hold across all sequences (default: every running
-    # sequence at max_model_len, so nothing is ever preempted); smaller values trade memory for preemption.
-    kv_cache_tokens: int | None = Field(default=None, ge=1)
-    # Compute every sampled token's logprob (RL rollouts need them); costs a pass over the vocabulary.
-    return_token_logprobs: bool = False
-    # Record every layer's expert (and indexer) choices per token, for routing replay in RL training.
-    record_routing: bool = False
-    # Batch-invariant numerics (true on-policy RL): a token's logits do not depend on its batch.
-    batch_invariant: bool = False
-    # Small-batch fp32 CPU linears through MKL-packed weights (1.3–2x faster per linear at 4–256
-    # rows; the packed copies cost about the weights' memory again), in the "cpu" kernel set. Ignored
-    # off the CPU, without MKL, and in batch-invariant mode.
-    packed_weights: bool = True
-    # Fused C kernels for CPU inference (dsv4.native: mHC, norms, rope and the router in the "cpu"
-    # kernel set; attention, compression and experts through the "cpu" plugins that "auto" then
-    # picks), compiled on first use. Ignored off the CPU, in batch-invariant mode and where no C
-    # compiler works (the PyTorch paths run instead).
-    native_kernels: bool = True
-    # n > 1: prefill the prompt once and give the other samples a copy of its KV cache (pools with
-    # the "fork" capability); off: every sample prefills the prompt itself.
-    share_prompt: bool = True
-    # Keep large CPU tensors in glibc's heap (process-wide; dsv4.core.runtime): ~1.5x faster long
-    # prefills, but ~10 % slower small-tensor RL training, so off unless asked (dsv4 serve/batch do).
-    tune_allocator: bool = False
 
 
 class Engine:
@@ -118,7 +67,7 @@ class Engine:
         if isinstance(model, Transformer):
             self.model = model.eval()
         elif config.model is not None:
-            self.model = load_model(config.model, dtype=_DTYPES[config.dtype], device=config.device,
+            self.model = load_model(config.model, dtype=DTYPES[config.dtype], device=config.device,
                                     fake_quant=config.fake_quant)
         else:
             raise ValueError("Engine needs a model: a checkpoint directory or a dsv4 Transformer")
@@ -147,17 +96,19 @@ class Engine:
             chunked_prefill=config.chunked_prefill,
         )
         self.sampler = Sampler(eos_token_ids=sorted(self.eos_token_ids), token_logprobs=config.return_token_logprobs)
+        # In-place weight updates (RL's weight sync, load_state_dict) flush the cache; a caller that
+        # swaps parameter objects instead calls flush_cache() itself.
+        self.cache = SequenceCache.build(config, self.pool, self.scheduler,
+                                         [*self.model.parameters(), *self.model.buffers()])
         self.requests: dict[str, Request] = {}
-        self._share_prompt = (config.share_prompt and "fork" in self.pool.capabilities
-                              and "fork" in self.scheduler.capabilities)
-        # Samples waiting for their first sample to prefill the prompt (share_prompt): leader seq_id -> rest
-        self._forks: dict[int, list[Sequence]] = {}
-        # generate(): the sequence prefilling the prompts' common start, and the requests waiting for a copy
-        self._starts: dict[int, tuple[Sequence, list[Request]]] = {}
+        self.sharing = PromptSharing(self.pool, self.scheduler, self.cache, enabled=config.share_prompt,
+                                     new_seq_id=lambda: next(self._seq_ids),
+                                     new_request_id=lambda kind: f"{kind}-{next(self._request_ids)}")
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         self._request_ids = itertools.count()
-        self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0}
+        self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0,
+                      "cache_lookup_tokens": 0, "cache_hit_tokens": 0}
         self._expert_load: dict[int, torch.Tensor] = {}  # MoE layer -> tokens routed to each expert
 
     # ------------------------------------------------------------------------------------------
@@ -175,13 +126,20 @@ class Engine:
     def _build_pool(self) -> KVPool:
         cfg = self.config
         streams = self.model.attn_backend.kv_streams()
-        capacity = cfg.kv_cache_tokens or cfg.max_num_seqs * self.max_model_len
-        chunk = min(cfg.max_num_batched_tokens, self.max_model_len)
-        pages = {s.name: _pages_needed(s, cfg.page_size, cfg.max_num_seqs, capacity, chunk) for s in streams}
+        pages = pool_pages(streams, cfg, self.max_model_len)
         device = self.model.embed.weight.device  # a model passed in runs where it is, its cache beside it
         pool_cls = get_registry().select("kv_pool", cfg.kv_pool, self.model.config, device)
-        pool: KVPool = pool_cls(streams, pages, page_size=cfg.page_size, dtype=_DTYPES[cfg.dtype], device=device)
+        pool: KVPool = pool_cls(streams, pages, page_size=cfg.page_size, dtype=DTYPES[cfg.dtype], device=device)
         return pool
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The prefix cache (``None`` when off)."""
+        return self.cache.cache if self.cache is not None else None
+
+    def flush_cache(self) -> int:
+        """Drop every prefix-cache checkpoint (SGLang's ``/flush_cache``); how many there were."""
+        return self.cache.cache.flush() if self.cache is not None else 0
 
     # ------------------------------------------------------------------------------------------
     def add_request(
@@ -192,7 +150,7 @@ class Engine:
     ) -> Request:
         """Queue a prompt (text or token ids). Raises ``ValueError`` for a prompt the engine can't serve."""
         req = self._new_request(prompt, params or SamplingParams(), request_id)
-        self._enqueue(req)
+        self.sharing.enqueue(req)
         return req
 
     def _new_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None) -> Request:
@@ -224,38 +182,6 @@ class Engine:
         self.requests[rid] = req
         return req
 
-    def _enqueue(self, req: Request, *, queue_leader: bool = True) -> None:
-        """Queue the request's sequences (with share_prompt, its first one; the others get a copy of its
-        cache once it has computed the prompt). ``queue_leader=False``: the first waits for a copy too."""
-        first, *others = req.seqs
-        if self._share_prompt and others:
-            self._forks[first.seq_id] = others
-            others = []
-        for seq in ([first] if queue_leader else []) + others:
-            self.scheduler.add(seq)
-
-    def _share_start(self, reqs: list[Request]) -> bool:
-        """Prefill the common start of ``reqs``' prompts (a system prompt, few-shot examples) once, as a
-        sequence of its own whose cache every request's first sequence then gets a copy of. Only for a
-        start of at least _MIN_SHARED_START tokens, and short of every prompt (each still prefills its
-        last token itself). Returns whether it does."""
-        if not self._share_prompt or len(reqs) < 2:
-            return False
-        prompts = [r.prompt_ids for r in reqs]
-        length = min(min(len(p) for p in prompts) - 1, common_prefix(prompts))
-        if length < _MIN_SHARED_START:
-            return False
-        ids = prompts[0][:length]
-        params = SamplingParams(max_tokens=1)
-        holder = Request(request_id=f"start-{next(self._request_ids)}", prompt=None, prompt_ids=ids, params=params,
-                         arrival_order=min(r.arrival_order for r in reqs) - 1)  # before the requests it serves
-        seq = Sequence(seq_id=next(self._seq_ids), request=holder, index=0,
-                       sampling=SequenceSampling(params, ids, index=0), detok=None, stop=None)
-        holder.seqs.append(seq)
-        self._starts[seq.seq_id] = (seq, reqs)
-        self.scheduler.add(seq)
-        return True
-
     def _validate_prompt(self, ids: list[int]) -> None:
         if not ids:
             raise ValueError("the prompt is empty")
@@ -280,11 +206,11 @@ class Engine:
         if req is None:
             return None
         req.aborted = True
-        self._forks.pop(req.seqs[0].seq_id, None)
-        for sid, (holder, waiting) in list(self._starts.items()):
-            if all(r.aborted for r in waiting):  # nobody left to copy the common start to
-                del self._starts[sid]
-                self.scheduler.abort(holder.request.request_id)
+        self.sharing.abort(req)
+        if self.cache is not None:  # a client that went away may well send it again
+            for seq in req.seqs:
+                if seq.status is SequenceStatus.RUNNING and seq.num_computed:
+                    self.cache.checkpoint(seq, seq.num_computed)
         for seq in self.scheduler.abort(request_id):
             seq.finish_reason = seq.finish_reason or "abort"
         for seq in req.seqs:
@@ -294,17 +220,35 @@ class Engine:
         return req.output()
 
     def kv_stats(self) -> dict[str, dict[str, float]]:
-        """Per KV stream: pages used and free, bytes held, and bytes per token of cached context
-        (bytes held / tokens in the cache across running sequences). ``"total"`` sums the streams."""
+        """Per KV stream: pages used (by requests and checkpoints), free and held only by prefix-cache
+        checkpoints; bytes the running requests hold and bytes per token of their context (bytes /
+        tokens in the cache across running sequences); bytes only checkpoints hold. ``"total"`` sums
+        the streams; ``"prefix_cache"`` has the cache's checkpoints, the tokens in its tree, hits
+        (prompt tokens resumed from it, out of every request's prompt tokens), bytes and evictions."""
         context = sum(s.num_computed for r in self.requests.values() for s in r.seqs if not s.finished)
+        cache = self.prefix_cache
         stats: dict[str, dict[str, float]] = {}
         for name in self.pool.streams:
-            used = self.pool.bytes_used(name)
-            stats[name] = {"pages_used": float(self.pool.pages_used(name)), "pages_free": float(self.pool.pages_free(name)),
-                           "bytes": float(used), "bytes_per_token": used / context if context else 0.0}
+            used, cached = self.pool.pages_used(name), cache.pages(name) if cache is not None else 0
+            page_bytes = self.pool.bytes_used(name) / used if used else 0.0
+            held = (used - cached) * page_bytes
+            stats[name] = {"pages_used": float(used), "pages_free": float(self.pool.pages_free(name)),
+                           "pages_cached": float(cached), "bytes": held,
+                           "bytes_per_token": held / context if context else 0.0, "cached_bytes": cached * page_bytes}
         total = sum(v["bytes"] for v in stats.values())
+        cached_bytes = sum(v["cached_bytes"] for v in stats.values())
         stats["total"] = {"bytes": total, "bytes_per_token": total / context if context else 0.0,
-                          "context_tokens": float(context)}
+                          "context_tokens": float(context), "cached_bytes": cached_bytes}
+        looked, hit = self.stats["cache_lookup_tokens"], self.stats["cache_hit_tokens"]
+        stats["prefix_cache"] = {
+            "enabled": float(cache is not None), "prompt_tokens": float(looked), "hit_tokens": float(hit),
+            "hit_rate": hit / looked if looked else 0.0, "bytes": cached_bytes, "checkpoints": 0.0,
+            "cached_tokens": 0.0, "inserted": 0.0, "evictions": 0.0,
+        }
+        if cache is not None:
+            stats["prefix_cache"] |= {"checkpoints": float(cache.num_checkpoints),
+                                      "cached_tokens": float(cache.cached_tokens()),
+                                      "inserted": float(cache.stats.inserted), "evictions": float(cache.stats.evictions)}
         return stats
 
     def expert_load(self) -> dict[int, list[int]]:
@@ -320,6 +264,8 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; the outputs of every request that advanced or finished."""
+        if self.cache is not None:
+            self.cache.check_weights()
         plan = self.scheduler.schedule()
         self.stats["preemptions"] += len(plan.preempted)
         for seq in plan.preempted:
@@ -339,6 +285,9 @@ class Engine:
                 sample.append(i)
             if seq.request.metrics.first_scheduled is None:
                 seq.request.metrics.first_scheduled = now
+                seq.request.metrics.cached_tokens = start
+                self.stats["cache_lookup_tokens"] += len(seq.prompt_ids)
+                self.stats["cache_hit_tokens"] += start
         device = self.model.embed.weight.device
         batch = ForwardBatch.from_requests(chunks, prefixes, rids=rids, sample=sample, device=device)
         trace = RoutingTrace() if self.config.record_routing else None
@@ -355,19 +304,11 @@ class Engine:
             seq.num_computed += n
             if seq.num_computed <= len(seq.prompt_ids):
                 self.stats["prompt_tokens"] += n
+            if self.cache is not None:
+                self.cache.step_computed(seq, seq.num_computed - n, seq.num_computed)
         touched: dict[str, Request] = {}
-        sampled = [plan.items[i][0] for i in sample]
-        if self._starts and any(seq.seq_id in self._starts for seq in sampled):
-            keep = [k for k, seq in enumerate(sampled) if seq.seq_id not in self._starts]
-            for seq in sampled:
-                if seq.seq_id in self._starts:
-                    self._hand_out_start(seq)
-            logits, sampled = logits[keep], [sampled[k] for k in keep]
-        forked = self._fork_samples(sampled) if self._forks else []
-        if forked:  # they sample their first token from their leader's logits
-            rows = [k for k, _ in forked]
-            logits = torch.cat((logits, logits[rows]))
-            sampled += [sib for _, sib in forked]
+        # common starts hand out their cache; samples of a prompt just computed get theirs
+        sampled, logits, forked = self.sharing.after_step([plan.items[i][0] for i in sample], logits)
         if sampled:
             result = self.sampler.sample(logits, [s.sampling for s in sampled])
             if self.model.invariant and self.config.return_token_logprobs:
@@ -378,7 +319,7 @@ class Engine:
             for k, seq in enumerate(sampled):
                 self._append(seq, result.tokens[k], result.logprobs[k], result.chosen_logprob[k], now)
                 touched[seq.request.request_id] = seq.request
-        for seq in itertools.chain((s for s, _ in plan.items), (s for _, s in forked)):
+        for seq in itertools.chain((s for s, _ in plan.items), forked):
             if not seq.finished:
                 self.pool.release(seq.seq_id, seq.num_computed)  # recycle what the window left behind
         outputs = []
@@ -388,53 +329,6 @@ class Engine:
                 self.requests.pop(req.request_id, None)
             outputs.append(req.output())
         return outputs
-
-    def _hand_out_start(self, holder: Sequence) -> None:
-        """The prompts' common start is computed: every waiting request's first sequence gets a copy of
-        its cache (and routing records) and prefills the rest of its prompt from there; the holder's
-        pages go back. One without pages or a running slot is queued to prefill all of its prompt."""
-        _, reqs = self._starts.pop(holder.seq_id)
-        self._copy_cache(holder, [r.seqs[0] for r in reqs if not r.aborted])
-        self.scheduler.finish(holder)
-
-    def _fork_samples(self, sampled: list[Sequence]) -> list[tuple[int, Sequence]]:
-        """Samples whose leader (``sampled[k]``) just computed their shared prompt get a copy of its
-        cache (:meth:`_copy_cache`). Returns ``(k, sample)`` for those that now run."""
-        forked = []
-        for k, leader in enumerate(sampled):
-            if leader.num_computed != len(leader.prompt_ids) or leader.seq_id not in self._forks:
-                continue
-            forked += [(k, sib) for sib in self._copy_cache(leader, self._forks.pop(leader.seq_id))]
-        return forked
-
-    def _copy_cache(self, src: Sequence, targets: list[Sequence]) -> list[Sequence]:
-        """Give ``targets`` a copy of ``src``'s KV cache and routing records and run them from the next
-        step on; one without pages or a running slot is queued to compute everything itself (a waiting
-        sequence never holds pages, so preemption can always make room). Returns those that run."""
-        pool, scheduler = self.pool, self.scheduler
-        assert can_fork(pool) and can_adopt(scheduler), "share_prompt needs both with the 'fork' capability"
-        try:  # every copy at once; when pages are short, as many as fit, one by one
-            pool.fork(src.seq_id, [seq.seq_id for seq in targets])
-            copied = True
-        except MemoryError:
-            copied = False
-        running = []
-        for seq in targets:
-            if not copied:
-                try:
-                    pool.fork(src.seq_id, seq.seq_id)
-                except MemoryError:
-                    scheduler.add(seq)
-                    continue
-            seq.num_computed = src.num_computed  # what its copy holds, as adopt() expects
-            if not scheduler.adopt(seq):
-                seq.num_computed = 0
-                pool.release(seq.seq_id)
-                scheduler.add(seq)
-                continue
-            seq.routing_log = list(src.routing_log)
-            running.append(seq)
-        return running
 
     def _append(self, seq: Sequence, token: int, logprobs: Any, chosen: float, now: float) -> None:
         params = seq.request.params
@@ -483,6 +377,8 @@ class Engine:
             else:
                 seq.text += tail
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+        if self.cache is not None:
+            self.cache.checkpoint(seq, seq.num_computed)  # the next turn of a conversation starts with these
         self.scheduler.finish(seq)
 
     # ------------------------------------------------------------------------------------------
@@ -499,9 +395,9 @@ class Engine:
             for req in reqs:
                 del self.requests[req.request_id]
             raise
-        shared = self._share_start(reqs)
+        shared = self.sharing.share_start(reqs)
         for req in reqs:
-            self._enqueue(req, queue_leader=not shared)
+            self.sharing.enqueue(req, queue_leader=not shared)
         ids = {req.request_id: i for i, req in enumerate(reqs)}
         while any(rid in self.requests for rid in ids):
             for out in self.step():
@@ -524,11 +420,6 @@ class Engine:
         return [r for r in results if r is not None]
 
 
-# generate() prefills its prompts' common start once when it is at least this long (shorter ones are
-# not worth the extra step and the page copies).
-_MIN_SHARED_START = 16
-
-
 def _per_prompt(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:
     if params is None or isinstance(params, SamplingParams):
         return [params or SamplingParams()] * n
@@ -536,15 +427,6 @@ def _per_prompt(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> 
     if len(plist) != n:
         raise ValueError(f"{len(plist)} sampling params for {n} prompts")
     return plist
-
-
-def _pages_needed(s: StreamSpec, page: int, max_seqs: int, capacity_tokens: int, chunk: int) -> int:
-    """Pages of stream ``s`` for ``max_seqs`` sequences holding ``capacity_tokens`` tokens in total."""
-    if s.keep is None:  # grows with the context: sized by total capacity, plus a partial page each
-        return math.ceil(s.length(capacity_tokens) / page) + max_seqs
-    # Bounded per sequence: what it keeps, the open block, and a step's chunk, plus partial pages.
-    rows = math.ceil((s.keep + s.align + chunk) / s.ratio) + 1
-    return max_seqs * (math.ceil(rows / page) + 2)
 
 
 def _keep_routing(seq: Sequence, trace: RoutingTrace, start: int, n: int) -> None:

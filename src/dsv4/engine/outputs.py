@@ -58,6 +58,7 @@ class RequestMetrics:
     first_token: float | None = None
     finished: float | None = None
     num_preemptions: int = 0
+    cached_tokens: int = 0  # prompt tokens its first sequence resumed from the prefix cache
 
 
 @dataclass(slots=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Generic
 
 from dsv4.core.interfaces import KVPool, ScheduledBatch, ScheduledSequence, SeqT, SequenceStatus
@@ -20,10 +20,15 @@ class FCFSScheduler(Generic[SeqT]):
     limit and the KV pool allow. A prefill may be cut anywhere (``chunked_prefill``). When the pool runs
     out of pages for a running sequence, the most recently arrived running sequence is preempted: its
     pages are freed and it waits to be recomputed from scratch, which gives the same tokens.
+
+    With :attr:`resume` set (the engine's prefix cache), a sequence about to be admitted may first be
+    given a cached prefix; it then computes only the tokens after it.
     """
 
     name: ClassVar[str] = "fcfs"
-    capabilities: ClassVar[frozenset[str]] = frozenset({"continuous_batching", "chunked_prefill", "preemption", "fork"})
+    capabilities: ClassVar[frozenset[str]] = frozenset(
+        {"continuous_batching", "chunked_prefill", "preemption", "fork", "prefix_cache"}
+    )
 
     def __init__(
         self,
@@ -41,6 +46,7 @@ class FCFSScheduler(Generic[SeqT]):
         self.chunked_prefill = chunked_prefill
         self.waiting: deque[SeqT] = deque()
         self.running: list[SeqT] = []
+        self.resume: Callable[[SeqT], None] | None = None
 
     @classmethod
     def refuse(cls, options: Mapping[str, Any]) -> str | None:
@@ -115,12 +121,15 @@ class FCFSScheduler(Generic[SeqT]):
                 break
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self.resume is not None and seq.num_computed == 0:
+                self.resume(seq)
             todo = seq.num_tokens - seq.num_computed
-            if todo > budget and not self.chunked_prefill:
+            if (todo > budget and not self.chunked_prefill) or not self._reserve(seq, min(todo, budget)):
+                if seq.num_computed:  # a resumed prefix: waiting sequences hold no pages
+                    self.pool.release(seq.seq_id)
+                    seq.num_computed = 0
                 break
             n = min(todo, budget)
-            if not self._reserve(seq, n):
-                break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_arrival)

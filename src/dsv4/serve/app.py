@@ -139,6 +139,13 @@ def build_app(
             metrics.update_engine(await aengine.call(_engine_snapshot))
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    @app.post("/flush_cache", dependencies=auth)
+    async def flush_cache() -> dict[str, Any]:
+        """Drop every prefix-cache checkpoint (running requests keep theirs)."""
+        if not aengine.alive:
+            raise OpenAIError("the engine is not running", status=503, type="server_error")
+        return {"flushed_checkpoints": await aengine.call(lambda e: e.flush_cache())}
+
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": _START,
@@ -320,11 +327,13 @@ _FASTAPI_BODY_ERROR = "There was an error parsing the body"
 def _engine_snapshot(engine: Engine) -> dict[str, Any]:
     """Gauges, read on the engine thread."""
     sched: Any = engine.scheduler  # queue lengths: FCFS-like schedulers' lists, not part of the Protocol
-    pool = engine.pool
+    kv = engine.kv_stats()
     return {
         "running": len(getattr(sched, "running", ())),
         "waiting": len(getattr(sched, "waiting", ())),
-        "pages": {s: (pool.pages_used(s), pool.pages_free(s)) for s in pool.streams},
+        "pages": {s: (kv[s]["pages_used"] - kv[s]["pages_cached"], kv[s]["pages_cached"], kv[s]["pages_free"])
+                  for s in engine.pool.streams},
+        "prefix_cache": kv["prefix_cache"],
         "expert_load": engine.expert_load(),
     }
 

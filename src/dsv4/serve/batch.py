@@ -240,8 +240,10 @@ def _record(line: _Line, result: RequestOutput) -> dict[str, Any]:
         record["prompt"] = result.prompt
     n_prompt = len(result.prompt_token_ids)
     n_out = sum(len(c.token_ids) for c in result.outputs)
+    cached = result.metrics.cached_tokens if result.metrics is not None else 0
     return record | {"num_prompt_tokens": n_prompt, "outputs": completions,
-                     "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out}}
+                     "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out,
+                               "prompt_tokens_details": {"cached_tokens": cached}}}
 
 
 def _dumps(record: Mapping[str, Any]) -> bytes:

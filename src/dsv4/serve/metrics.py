@@ -29,8 +29,22 @@ class ServerMetrics:
         self.generation_tokens = Counter("dsv4_generation_tokens", "Tokens generated", registry=r)
         self.running = Gauge("dsv4_num_requests_running", "Sequences with KV in the pool", registry=r)
         self.waiting = Gauge("dsv4_num_requests_waiting", "Sequences waiting to be scheduled", registry=r)
-        self.pages_used = Gauge("dsv4_kv_pages_used", "KV pool pages in use", ["pool"], registry=r)
+        self.pages_used = Gauge("dsv4_kv_pages_used", "KV pool pages running requests hold", ["pool"], registry=r)
+        self.pages_cached = Gauge("dsv4_kv_pages_cached", "KV pool pages only prefix-cache checkpoints hold",
+                                  ["pool"], registry=r)
         self.pages_free = Gauge("dsv4_kv_pages_free", "KV pool pages free", ["pool"], registry=r)
+        self.cache_checkpoints = Gauge("dsv4_prefix_cache_checkpoints", "Prefix-cache checkpoints held", registry=r)
+        self.cache_tokens = Gauge("dsv4_prefix_cache_tokens", "Tokens in the prefix cache's tree", registry=r)
+        self.cache_bytes = Gauge("dsv4_prefix_cache_bytes", "KV bytes only the prefix cache holds", registry=r)
+        self.cache_hit_rate = Gauge("dsv4_prefix_cache_hit_rate", "Prompt tokens resumed from the prefix cache, "
+                                    "out of all prompt tokens, since start", registry=r)
+        self.cache_counters = {
+            key: Counter(f"dsv4_prefix_cache_{key}", text, registry=r)
+            for key, text in (("prompt_tokens", "Prompt tokens of requests looked up in the prefix cache"),
+                              ("hit_tokens", "Prompt tokens resumed from the prefix cache"),
+                              ("evictions", "Prefix-cache checkpoints evicted"))
+        }
+        self._cache_seen: dict[str, float] = {}
         self.aborted = Counter("dsv4_requests_aborted", "Requests aborted (client gone, shutdown)", registry=r)
         self.routed_tokens = Counter("dsv4_moe_routed_tokens", "Tokens routed to each expert of each MoE layer",
                                      ["layer", "expert"], registry=r)
@@ -42,9 +56,20 @@ class ServerMetrics:
         self.waiting.set(float(snapshot["waiting"]))  # type: ignore[arg-type]
         pages = snapshot["pages"]
         assert isinstance(pages, dict)
-        for pool, (used, free) in pages.items():
+        for pool, (used, cached, free) in pages.items():
             self.pages_used.labels(pool).set(used)
+            self.pages_cached.labels(pool).set(cached)
             self.pages_free.labels(pool).set(free)
+        cache = snapshot.get("prefix_cache", {})
+        assert isinstance(cache, dict)
+        if cache:
+            self.cache_checkpoints.set(cache["checkpoints"])
+            self.cache_tokens.set(cache["cached_tokens"])
+            self.cache_bytes.set(cache["bytes"])
+            self.cache_hit_rate.set(cache["hit_rate"])
+            for key, counter in self.cache_counters.items():  # engine totals -> increments
+                counter.inc(max(cache[key] - self._cache_seen.get(key, 0.0), 0.0))
+                self._cache_seen[key] = max(cache[key], self._cache_seen.get(key, 0.0))
         load = snapshot.get("expert_load", {})
         assert isinstance(load, dict)
         for layer, counts in load.items():  # the engine's totals since start -> counter increments

@@ -17,15 +17,19 @@ class Usage:
 
     def __init__(self) -> None:
         self.prompt: dict[int, int] = {}
+        self.cached: dict[int, int] = {}
         self.completion: dict[int, int] = {}
 
     def update(self, k: int, out: RequestOutput) -> None:
         self.prompt[k] = len(out.prompt_token_ids) * max(1, len(out.outputs))
+        self.cached[k] = out.metrics.cached_tokens if out.metrics is not None else 0
         self.completion[k] = sum(len(c.token_ids) for c in out.outputs)
 
-    def body(self) -> dict[str, int]:
+    def body(self) -> dict[str, Any]:
+        """OpenAI's ``usage``; ``prompt_tokens_details.cached_tokens``: prompt tokens served by the prefix cache."""
         p, c = sum(self.prompt.values()), sum(self.completion.values())
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": sum(self.cached.values())}}
 
 
 def _token_text(engine: Engine, token: int) -> str:

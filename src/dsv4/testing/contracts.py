@@ -29,8 +29,11 @@ from dsv4.core.interfaces import (
     KernelSet,
     ScheduledBatch,
     Scheduler,
+    ResumingScheduler,
     SequenceStatus,
+    SharingKVPool,
     can_adopt,
+    can_resume,
 )
 from dsv4.core.kv import StreamSpec
 from dsv4.kernels import BatchInvariantKernels, ReferenceKernels
@@ -259,49 +262,67 @@ def _check_ops(ks: Any, ref: Any, mode: str, atol: float) -> None:
 
 
 def check_kv_pool(cls: type[Any], *, steps: int = 300, seed: int = 0) -> None:
-    """Random reserve / release (and, for pools with the ``"fork"`` capability, fork to one request or
-    several at once) sequences never leak pages, never give two live rows one slot, keep every row a
-    request may still read addressable, and a fork copies every row its source may still read. The
-    pool names its streams, and one with the ``"fork"`` capability is a :class:`ForkingKVPool`."""
+    """Random reserve / release sequences (and, for pools with the ``"fork"`` capability, fork to one
+    request or several at once; with ``"share"``, share a request's cache at any point its last step
+    computed) never leak pages and keep every row a request may still read addressable and holding
+    what was written to it: a fork or share gives its targets every row its source may still read,
+    and whatever either writes afterwards leaves the other's rows alone. Without ``"share"`` no two
+    live rows have one slot. The pool names its streams; one with ``"fork"`` is a
+    :class:`ForkingKVPool`, one with ``"share"`` a :class:`SharingKVPool`."""
     streams = _STREAMS
     pool = cls(streams, {"win": 12, "ent": 6}, page_size=2)
     assert set(pool.streams) == {s.name for s in streams}, f"streams: {sorted(pool.streams)}, built with win, ent"
     total = {s.name: pool.pages_used(s.name) + pool.pages_free(s.name) for s in streams}
     rng = random.Random(seed)
     lengths: dict[int, int] = {}
-    forks = "fork" in cls.capabilities
+    values: dict[tuple[int, str, int], float] = {}  # (request, stream, row) -> what it holds
+    forks, shares = "fork" in cls.capabilities, "share" in cls.capabilities
     if forks:
         assert isinstance(pool, ForkingKVPool), "the 'fork' capability needs fork() (a ForkingKVPool)"
-    for _ in range(steps):
+    if shares:
+        assert isinstance(pool, SharingKVPool), "the 'share' capability needs share() (a SharingKVPool)"
+
+    def rows_of(s: StreamSpec, n: int, start: int = -1) -> torch.Tensor:
+        """Rows a request of ``n`` tokens reads (from ``start`` on: those its last tokens added)."""
+        return torch.arange(s.keep_from(n) if start < 0 else s.length(start), s.length(n))
+
+    def copied(src: int, dst: int, n: int) -> None:
+        lengths[dst] = n
+        values.update({(dst, s.name, r): values[(src, s.name, r)] for s in streams for r in rows_of(s, n).tolist()})
+
+    for step in range(steps):
         rid = rng.randrange(6)
+        free = [d for d in range(6) if d not in lengths and d != rid]
         if forks and lengths and rid not in lengths and rng.random() < 0.2:
             src = rng.choice(sorted(lengths))
-            free = [d for d in range(6) if d not in lengths and d != rid]
             dsts = [rid, *free[: rng.randint(0, 1)]]  # one target, or two at once (the engine forks a list)
-            for s in streams:  # mark the source's live rows, to see them copied
-                rows = torch.arange(s.keep_from(lengths[src]), s.length(lengths[src]))
-                slots = pool.slots(s.name, [src], torch.zeros_like(rows), rows)
-                for layer in s.layers:
-                    pool.buffer(layer, s.name)[slots] = (src * 1000 + rows).float().unsqueeze(1)
             try:
                 pool.fork(src, dsts if len(dsts) > 1 else rid)
             except MemoryError:
                 continue
             for d in dsts:
-                lengths[d] = lengths[src]
-                for s in streams:
-                    rows = torch.arange(s.keep_from(lengths[d]), s.length(lengths[d]))
-                    slots = pool.slots(s.name, [d], torch.zeros_like(rows), rows)
-                    for layer in s.layers:
-                        got = pool.buffer(layer, s.name)[slots, 0]
-                        assert torch.equal(got, (src * 1000 + rows).float()), f"{s.name}: fork lost a row"
+                copied(src, d, lengths[src])
         elif rng.random() < 0.6:
-            n = lengths.get(rid, 0) + rng.randint(1, 5)
+            old = lengths.get(rid, 0)
+            n = old + rng.randint(1, 5)
             try:
                 pool.reserve(rid, n)
             except MemoryError:
                 continue
             lengths[rid] = n
+            for s in streams:  # the step writes its new rows
+                rows = rows_of(s, n, old)
+                slots = pool.slots(s.name, [rid], torch.zeros_like(rows), rows)
+                for layer in s.layers:
+                    pool.buffer(layer, s.name)[slots] = (step * 1000 + rows).float().unsqueeze(1)
+                values.update({(rid, s.name, r): float(step * 1000 + r) for r in rows.tolist()})
+            if shares and free and rng.random() < 0.3:  # a checkpoint anywhere in the step, before release
+                at = rng.randint(max(old, 1), n)
+                try:
+                    pool.share(rid, free[0], at)
+                    copied(rid, free[0], at)
+                except MemoryError:
+                    pass
             pool.release(rid, n)  # drop what the request no longer reads
         elif rid in lengths:
             pool.release(rid)
@@ -310,9 +331,15 @@ def check_kv_pool(cls: type[Any], *, steps: int = 300, seed: int = 0) -> None:
             assert pool.pages_used(s.name) + pool.pages_free(s.name) == total[s.name], f"{s.name}: pages leaked"
             live: list[int] = []
             for r, n in lengths.items():
-                rows = torch.arange(s.keep_from(n), s.length(n))
-                live += pool.slots(s.name, [r], torch.zeros_like(rows), rows).tolist()
-            assert len(live) == len(set(live)), f"{s.name}: two live rows share a slot"
+                rows = rows_of(s, n)
+                slots = pool.slots(s.name, [r], torch.zeros_like(rows), rows)
+                live += slots.tolist()
+                for layer in s.layers:
+                    got = pool.buffer(layer, s.name)[slots, 0].tolist()
+                    want = [values[(r, s.name, row)] for row in rows.tolist()]
+                    assert got == want, f"{s.name}: request {r}'s rows lost what was written to them"
+            if not shares:
+                assert len(live) == len(set(live)), f"{s.name}: two live rows share a slot"
     for rid in list(lengths):
         pool.release(rid)
     assert all(pool.pages_used(s.name) == 0 for s in streams), "pages still used after every request left"
@@ -338,7 +365,9 @@ def check_scheduler(cls: type[Any], *, steps: int = 500, seed: int = 0) -> None:
     - ``finish`` and ``abort`` free the pages; ``abort`` returns exactly the request's unfinished
       sequences; finished and aborted sequences never come back;
     - only schedulers with ``"preemption"`` preempt, and a preempted sequence holds no pages and starts
-      again from ``num_computed == 0``;
+      again from ``num_computed == 0`` (or from a cached prefix, when admitted again at once);
+    - with ``"prefix_cache"``, ``resume`` (here: a random cached prefix, or none) is called only on
+      waiting sequences that hold no pages and computed nothing; a waiting sequence never holds pages;
     - ``status`` is WAITING after ``add``, RUNNING when scheduled or adopted, FINISHED when ended;
     - ``has_work`` is true exactly while a sequence is unfinished; the stream drains (no step without
       work while sequences wait, since the pool always holds one sequence) and leaves no page used.
@@ -416,6 +445,10 @@ class _SchedulerRun:
         self.adopting = self.sched if can_adopt(self.sched) else None
         if self.adopting is not None:
             assert isinstance(self.adopting, AdoptingScheduler), "the 'fork' capability needs adopt()"
+        self.resumes = can_resume(self.sched)
+        if self.resumes:
+            assert isinstance(self.sched, ResumingScheduler), "the 'prefix_cache' capability needs a `resume` hook"
+            self.sched.resume = self._resume
         self.rng = rng
         self.live: dict[int, _Seq] = {}  # handed to the scheduler, not ended
         self.ended: dict[int, str] = {}  # seq_id -> "finished" or "aborted"
@@ -446,6 +479,10 @@ class _SchedulerRun:
         at = f"{self.where}, step {k}"
         plan = self.sched.schedule()
         self._check_plan(plan, at)
+        for seq in self.live.values():
+            if seq.status is SequenceStatus.WAITING:
+                assert seq.num_computed == 0 and seq.seq_id not in self._holders(), \
+                    f"{at}: a waiting sequence holds no pages and has computed nothing, {seq.seq_id} does"
         if not plan.items:
             assert not self.live, f"{at}: progress: schedule() is empty while {len(self.live)} sequences wait"
         for seq, n in plan.items:
@@ -500,10 +537,25 @@ class _SchedulerRun:
         for seq in plan.preempted:
             sid = seq.seq_id
             assert sid in self.live, f"{at}: only unfinished sequences are preempted, not {sid}"
-            assert seq.num_computed == 0, f"{at}: a preempted sequence starts again from num_computed == 0, {sid} not"
+            resumed = sid in seen and self.resumes  # admitted again at once, from a cached prefix
+            assert seq.num_computed == 0 or resumed, \
+                f"{at}: a preempted sequence starts again from num_computed == 0, {sid} not"
             if sid not in seen:
                 assert sid not in holders, f"{at}: a preempted sequence holds no pages, {sid} does"
                 assert seq.status is SequenceStatus.WAITING, f"{at}: a preempted sequence is WAITING, {sid} is not"
+
+    def _resume(self, seq: _Seq) -> None:
+        """As the engine's prefix cache: a sequence about to be admitted may get the pages of a cached prefix."""
+        assert seq.status is SequenceStatus.WAITING and seq.num_computed == 0, \
+            f"{self.where}: resume is called on waiting sequences that computed nothing, not {seq.seq_id}"
+        assert seq.seq_id not in self._holders(), f"{self.where}: resume is called on sequences without pages"
+        if seq.num_tokens > 1 and self.rng.random() < 0.5:
+            cached = self.rng.randint(1, seq.num_tokens - 1)
+            try:
+                self.pool.reserve(seq.seq_id, cached)
+            except MemoryError:
+                return
+            seq.num_computed = cached
 
     def _copy(self, src: _Seq, samples: list[_Seq], at: str) -> list[_Seq]:
         """As the engine's ``_copy_cache``: samples get a copy of ``src``'s cache and are adopted, or queued."""
