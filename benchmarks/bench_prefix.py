@@ -33,6 +33,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_serve import TEXT, Server, free_port, make_model, pct  # noqa: E402
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
 @dataclass
 class Turn:
     conversation: int
@@ -177,7 +181,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="checkpoint directory (default: make one, see --tiny)")
     ap.add_argument("--tiny", action="store_true", help="make a tiny checkpoint instead of the ~60M one")
     ap.add_argument("--conversations", type=int, default=4, help="conversations at once (C)")
-    ap.add_argument("--turns", type=int, default=5, help="turns per conversation")
+    ap.add_argument("--turns", type=int, default=8, help="turns per conversation")
     ap.add_argument("--system-words", type=int, default=150, help="words in the shared system prompt")
     ap.add_argument("--user-words", type=int, default=40, help="words per user message")
     ap.add_argument("--max-tokens", type=int, default=24, help="max_tokens per turn (M)")
@@ -195,6 +199,11 @@ def main() -> None:
         model_dir = work / "model"
         model_dir.mkdir()
         make_model(model_dir, tiny=args.tiny)
+        # one chat template for both servers (transformers serve has no fallback for a tokenizer without one)
+        from dsv4.testing.tokenizers import write_byte_tokenizer
+
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        write_byte_tokenizer(model_dir, vocab_size=vocab, chat_template=CHAT_TEMPLATE)
     model_dir = model_dir.resolve()
     bindir = Path(sys.executable).parent
     rows = []

@@ -48,3 +48,16 @@ def test_a_model_passed_in_on_cuda_keeps_its_cache_beside_it(checkpoint: Path, p
     gpu = Engine(dsv4.load_model(checkpoint, device="cuda"), return_token_logprobs=True)  # no device option
     assert gpu.pool.buffer(0, "win").is_cuda
     _assert_same(_run(gpu, prompts), _run(Engine(checkpoint, return_token_logprobs=True, **PYTORCH), prompts))
+
+
+def test_the_prefix_cache_on_cuda(checkpoint: Path, prompts: list[list[int]]) -> None:
+    """Requests resumed from prefix-cache checkpoints (pages shared and copied on the device) give the
+    tokens of an engine without the cache."""
+    options = dict(device="cuda", return_token_logprobs=True, max_num_batched_tokens=7, page_size=4,
+                   window_checkpoint_interval=5)
+    cached = Engine(checkpoint, **options)
+    plain = Engine(checkpoint, prefix_cache=False, **options)
+    longer = [p + p[:7] for p in prompts]  # each resent with more: resumes inside it
+    for batch in (prompts, longer, prompts):
+        _assert_same(_run(cached, batch), _run(plain, batch))
+    assert cached.kv_stats()["prefix_cache"]["hit_tokens"] > 0
