@@ -378,7 +378,10 @@ def test_queue_full_is_429(launch_server: Launch) -> None:
     with launch_server(max_pending=1, max_model_len=8192) as s, httpx.Client(base_url=s.url, timeout=30) as c:
         with httpx.Client(base_url=s.url, timeout=30) as first, first.stream("POST", "/v1/completions", json=held) as r:
             assert r.status_code == 200
-            assert next(r.iter_lines()).startswith("data: ")
+            # keep the line iterator: dropped, it closes the response, and the server rightly aborts the
+            # request when its client goes away (which made this test flaky)
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
             err = _error(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}), 429)
             assert err["type"] == "rate_limit_error" and err["code"] == "queue_full"
             chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "stream": True}
