@@ -356,8 +356,9 @@ class PagedKVPool:
         """``stream``'s page table with room for ``rows`` x ``cols``, for the caller to write."""
         self._pt_device.pop(stream, None)
         pt = self._pt_np[stream]
-        if rows > pt.shape[0] or cols > pt.shape[1]:
-            bigger = np.zeros((max(rows, 2 * pt.shape[0]), max(cols, 2 * pt.shape[1])), dtype=np.int64)
+        if rows > pt.shape[0] or cols > pt.shape[1]:  # each dimension doubles only when it is too small
+            shape = [n if need <= n else max(need, 2 * n) for need, n in ((rows, pt.shape[0]), (cols, pt.shape[1]))]
+            bigger = np.zeros(shape, dtype=np.int64)
             bigger[: pt.shape[0], : pt.shape[1]] = pt
             self._pt_np[stream] = pt = bigger
             self._pt[stream] = torch.from_numpy(bigger)

@@ -286,8 +286,9 @@ class Engine:
             if seq.request.metrics.first_scheduled is None:
                 seq.request.metrics.first_scheduled = now
                 seq.request.metrics.cached_tokens = start
-                self.stats["cache_lookup_tokens"] += len(seq.prompt_ids)
-                self.stats["cache_hit_tokens"] += start
+                if seq.request_id in self.requests:  # a client's (not a batch's common start)
+                    self.stats["cache_lookup_tokens"] += len(seq.prompt_ids)
+                    self.stats["cache_hit_tokens"] += start
         device = self.model.embed.weight.device
         batch = ForwardBatch.from_requests(chunks, prefixes, rids=rids, sample=sample, device=device)
         trace = RoutingTrace() if self.config.record_routing else None

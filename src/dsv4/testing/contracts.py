@@ -450,6 +450,7 @@ class _SchedulerRun:
             assert isinstance(self.sched, ResumingScheduler), "the 'prefix_cache' capability needs a `resume` hook"
             self.sched.resume = self._resume
         self.rng = rng
+        self.resume_rng = random.Random(0)  # its own stream: the arrivals stay those of ``rng``
         self.live: dict[int, _Seq] = {}  # handed to the scheduler, not ended
         self.ended: dict[int, str] = {}  # seq_id -> "finished" or "aborted"
         self.pending: dict[int, list[_Seq]] = {}  # first sample's seq_id -> samples waiting for its prompt cache
@@ -549,8 +550,8 @@ class _SchedulerRun:
         assert seq.status is SequenceStatus.WAITING and seq.num_computed == 0, \
             f"{self.where}: resume is called on waiting sequences that computed nothing, not {seq.seq_id}"
         assert seq.seq_id not in self._holders(), f"{self.where}: resume is called on sequences without pages"
-        if seq.num_tokens > 1 and self.rng.random() < 0.5:
-            cached = self.rng.randint(1, seq.num_tokens - 1)
+        if seq.num_tokens > 1 and self.resume_rng.random() < 0.5:
+            cached = self.resume_rng.randint(1, seq.num_tokens - 1)
             try:
                 self.pool.reserve(seq.seq_id, cached)
             except MemoryError:
