@@ -112,15 +112,19 @@ def test_paged_batch_requires_cache_metadata(model: Transformer) -> None:
         model.run(batch)
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "cpu"])
 @pytest.mark.parametrize("paged", [False, True])
-def test_dense_and_gather_paths_agree(model: Transformer, paged: bool) -> None:
-    """The backend's two ways to attend (per-token gathers, dense blocks) give the same numbers."""
+def test_dense_and_gather_paths_agree(model: Transformer, paged: bool, backend_name: str) -> None:
+    """The backend's two ways to attend (per-token gathers, dense blocks) give the same numbers (the
+    ``cpu`` backend's native kernels in both, the indexer's top-k streamed over the keys in dense blocks)."""
+    from dsv4.attention.cpu import CpuAttentionBackend
     from dsv4.attention.reference import ReferenceAttentionBackend
 
+    backend_cls = {"reference": ReferenceAttentionBackend, "cpu": CpuAttentionBackend}[backend_name]
     ids = torch.stack([_ids(70, 30), _ids(70, 31)])
     outs = []
     for dense_min in (1, 10**9):
-        backend = ReferenceAttentionBackend(model.config, dense_min_tokens=dense_min)
+        backend = backend_cls(model.config, dense_min_tokens=dense_min)
         backend.dense_block = 16  # several query blocks per chunk
         model.attn_backend = backend
         with torch.no_grad():
@@ -132,3 +136,35 @@ def test_dense_and_gather_paths_agree(model: Transformer, paged: bool) -> None:
             outs.append(torch.cat(rows))
     model.attn_backend = ReferenceAttentionBackend(model.config)
     assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
+
+
+def test_native_chunked_prefill_equals_one_pass() -> None:
+    """The ``cpu`` backend: a prompt prefilled in one chunk, in long chunks (queries sharing their keys in
+    the streamed top-k) or token by token (each token its own keys) picks the same entries, in the same
+    order, everywhere and gives the same logits."""
+    from dsv4.attention.cpu import CpuAttentionBackend
+    from dsv4.core.interfaces import RoutingTrace
+    from dsv4.kernels import CpuKernels
+
+    cfg = ModelConfig.tiny(index_topk=8)
+    model = dsv4.build_model(cfg, seed=4).eval()
+    model.attn_backend = CpuAttentionBackend(cfg)
+    model.kernels.inference = CpuKernels(cfg)
+    ids = _ids(150, 7)  # 37 ratio-4 entries: most queries choose 8 of more
+    runs = []
+    for chunks in ([150], [64, 33, 1, 52], [1] * 150):
+        pool, traces, logits, pos = _pool(model), [], [], 0
+        for n in chunks:
+            pool.reserve(0, pos + n)
+            trace = RoutingTrace()
+            batch = ForwardBatch.from_requests([ids[pos : pos + n]], [pos], rids=[0], sample="all")
+            with torch.no_grad():
+                logits.append(model.run(batch, pool, routing=trace).logits)
+            traces.append(trace.indexer)
+            pos += n
+        picks = {lid: torch.cat([t[lid] for t in traces]) for lid in traces[0]}
+        runs.append((torch.cat(logits), picks))
+    for logits, picks in runs[1:]:
+        assert (logits - runs[0][0]).abs().max().item() <= 1e-5
+        for lid, got in picks.items():
+            assert torch.equal(got, runs[0][1][lid]), f"layer {lid}: picks differ"

@@ -392,22 +392,81 @@ def test_moe_gate_matches_pytorch(score_func: str, hashed: bool) -> None:
         torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
 
 
-def test_index_scores_match_pytorch() -> None:
-    g = torch.Generator().manual_seed(3)
-    t, nh, c, n = 6, 5, 32, 11  # 5 heads: a padded head block
+def _indexer_case(t: int, nh: int, c: int, n: int, seed: int, zero_keys: float = 0.0):  # type: ignore[no-untyped-def]
+    """Queries, head weights, a key store with ``n`` keys (a ``zero_keys`` share of them zero: scores of
+    exactly 0, ties) and each token's visible count, some under k, some all."""
+    g = torch.Generator().manual_seed(seed)
     q = torch.randn(t, nh, c, generator=g)
-    w = torch.randn(t, nh, generator=g)
-    store = torch.randn(40, c, generator=g)
-    slots = torch.randint(0, 40, (t, n), generator=g)
-    valid = torch.rand(t, n, generator=g) > 0.3
-    slots[~valid] = 10**9  # never read
+    w = torch.randn(t, nh, generator=g) - 0.5  # mostly negative: the zero scores reach the top k
+    store = torch.randn(n + 7, c, generator=g)
+    store[torch.rand(n + 7, generator=g) < zero_keys] = 0.0
+    limit = torch.randint(0, n + 1, (t,), generator=g)
+    limit[0], limit[-1] = n, 3
+    return q, w, store, limit
+
+
+def _reference_topk(q, w, store, rows, limit, k):  # type: ignore[no-untyped-def]
+    """ops.indexer_topk over each token's gathered keys (the oracle)."""
+    rows = rows if rows.dim() == 2 else rows.expand(q.shape[0], -1)
+    valid = torch.arange(rows.shape[1]) < limit.unsqueeze(1)
+    return ops.indexer_topk(q, w, store[rows], valid, k)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("tokens, heads, dim", [(1, 16, 64), (9, 5, 24), (45, 16, 16), (70, 20, 32)])
+def test_indexer_topk_matches_reference(shared: bool, tokens: int, heads: int, dim: int) -> None:
+    n, k = 300, 12
+    q, w, store, limit = _indexer_case(tokens, heads, dim, n, seed=tokens + heads, zero_keys=0.3)
+    g = torch.Generator().manual_seed(dim)
+    rows = torch.randperm(store.shape[0], generator=g)[:n]
+    if not shared:  # ragged: every token reads its own rows (other requests' pages)
+        rows = torch.stack([torch.randperm(store.shape[0], generator=g)[:n] for _ in range(tokens)])
+        rows[torch.arange(n) >= limit.unsqueeze(1)] = 10**9  # invisible slots are never read
     with torch.no_grad():
-        got = kernels.index_scores(q, w, store, slots, valid)
-        keys = store[slots.masked_fill(~valid, 0)]
-        scale = c**-0.5
-        want = (torch.relu(torch.bmm(q, keys.transpose(1, 2))) * scale * w.unsqueeze(-1)).sum(1)
-        want = want.masked_fill(~valid, float("-inf"))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        top, scores = kernels.indexer_topk(q, w, store, rows, limit, k)
+        want_top, want_valid, want_scores = _reference_topk(q, w, store, rows.clamp(max=store.shape[0] - 1), limit, k)
+    assert torch.equal(top, want_top), "picks, their order and the tie-breaks equal the reference's"
+    assert torch.equal(top < limit.unsqueeze(1), want_valid)
+    torch.testing.assert_close(scores, want_scores, rtol=1e-5, atol=1e-5)  # -inf where invisible, as there
+
+
+def test_indexer_topk_ties_go_to_the_lower_entry() -> None:
+    q, w, store, _ = _indexer_case(6, 16, 32, 200, seed=0)
+    rows = torch.arange(200)
+    limit = torch.tensor([200, 150, 12, 5, 0, 200])
+    with torch.no_grad():
+        top, scores = kernels.indexer_topk(q, torch.zeros_like(w), store, rows, limit, 8)  # every score 0
+        dup, _ = kernels.indexer_topk(q, w, store, torch.zeros(200, dtype=torch.long), limit, 8)  # one key
+    assert torch.equal(top, torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]]).expand(6, -1))
+    assert torch.equal(dup, top)
+    assert torch.equal(scores[3, 5:], torch.full((3,), float("-inf")))  # 5 visible, then the lowest invisible
+    assert (scores[:3] == 0).all()
+
+
+def test_indexer_topk_is_bit_identical_however_the_work_is_split() -> None:
+    """A token's picks and scores do not depend on its batch, on whether its keys are shared, or on how
+    many pieces its keys are split into (a decode step splits them over the threads)."""
+    n, k = 2500, 16
+    q, w, store, limit = _indexer_case(37, 16, 64, n, seed=5, zero_keys=0.1)
+    rows = torch.randperm(store.shape[0], generator=torch.Generator().manual_seed(1))[:n]
+    with torch.no_grad():
+        shared = kernels.indexer_topk(q, w, store, rows, limit, k)
+        own = kernels.indexer_topk(q, w, store, rows.expand(37, -1), limit, k)
+        alone = [kernels.indexer_topk(q[i : i + 1], w[i : i + 1], store, rows, limit[i : i + 1], k) for i in range(37)]
+    for got in (own, tuple(torch.cat(x) for x in zip(*alone, strict=True))):
+        assert torch.equal(got[0], shared[0]) and torch.equal(got[1], shared[1])
+
+
+def test_indexer_topk_rejects_bad_input() -> None:
+    q, w, store = torch.randn(2, 2, 16), torch.ones(2, 2), torch.randn(10, 16)
+    rows = torch.arange(5)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"outside \[0, 5\]"):
+            kernels.indexer_topk(q, w, store, rows, torch.tensor([2, 6]), 3)
+        with pytest.raises(ValueError, match="k = 6"):
+            kernels.indexer_topk(q, w, store, rows, torch.tensor([2, 5]), 6)
+        with pytest.raises(ValueError, match="slots"):
+            kernels.indexer_topk(q, w, store, rows.expand(3, -1), torch.tensor([2, 5]), 3)
 
 
 def test_slots_lookup_matches_the_page_tables() -> None:
@@ -440,7 +499,7 @@ def test_out_of_range_ids_raise_and_are_never_read() -> None:
             with pytest.raises(ValueError, match="outside"):
                 kernels.sink_attention(torch.randn(2, 1, 16), [(store, slots, ok)], torch.zeros(1), 1.0)
             with pytest.raises(ValueError, match="outside"):
-                kernels.index_scores(torch.randn(2, 2, 16), torch.ones(2, 2), store, slots, ok)
+                kernels.indexer_topk(torch.randn(2, 2, 16), torch.ones(2, 2), store, slots, torch.tensor([3, 3]), 2)
         with pytest.raises(ValueError, match="outside"):
             kernels.compress_entries(torch.randn(10, 32), torch.tensor([[0, 1, 2, 99]]), torch.ones(1, 4, dtype=torch.bool),
                                      ape=torch.zeros(4, 16), norm_weight=torch.ones(16), eps=1e-6,

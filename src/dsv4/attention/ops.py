@@ -19,11 +19,15 @@ __all__ = [
     "dense_sink_attention",
     "indexer_kl",
     "indexer_scores",
+    "indexer_scores_at",
     "indexer_topk",
-    "select_topk",
+    "indexer_topk_shared",
+    "rank_keys",
     "rms_norm",
+    "select_topk",
     "sink_attention",
     "sink_attention_parts",
+    "unrank",
 ]
 
 
@@ -92,26 +96,115 @@ def indexer_topk(
     return select_topk(index, valid, topk, replay)
 
 
+def rank_keys(index: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """int64 keys that order scores ``index`` of entries ``ids`` (broadcast against it) by score, ties to
+    the lower id: a total order, so a top-k by it does not depend on how the scores are split up or in
+    which order they arrive (``torch.topk`` breaks ties by its sorting algorithm's internals).
+
+    The high 32 bits are the score's bits made order-preserving (``-0.0`` ranks as ``0.0``), the low 32
+    bits ``2^32 - 1 - id``; :func:`unrank` reads both back."""
+    bits = (index.detach().float() + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
+    return (ordered << 32) | (0xFFFFFFFF - ids)
+
+
+def unrank(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(scores, ids)`` of :func:`rank_keys` keys."""
+    ordered = (keys >> 32).to(torch.int32)
+    scores = torch.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF).view(torch.float32)
+    return scores, 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+
+
 def select_topk(
     index: torch.Tensor, valid: torch.Tensor, topk: int, replay: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top ``min(topk, N)`` of masked scores ``index [T, N]`` (or the replayed picks), their
-    visibility and scores."""
+    visibility and scores. Picks are ranked by score, ties to the lower entry index (:func:`rank_keys`),
+    best first; a row with fewer than k visible entries gets its lowest invisible ones after those."""
     k = min(topk, index.shape[-1])
-    top = index.topk(k, dim=-1).indices
-    picked_valid = valid.gather(1, top)
-    if replay is not None:
-        imposed = replay[:, :k]
-        use = replay[:, :1] >= 0
-        top = torch.where(use, imposed.clamp(min=0), top)
-        picked_valid = torch.where(use, (imposed >= 0) & valid.gather(1, top), valid.gather(1, top))
+    top = rank_keys(index, torch.arange(index.shape[-1], device=index.device)).topk(k, dim=-1).indices
+    top, picked_valid = _replayed(top, valid.gather(1, top), replay, lambda picks: valid.gather(1, picks))
     return top, picked_valid, index.gather(1, top)
 
 
+def _replayed(
+    top: torch.Tensor,
+    valid: torch.Tensor,
+    replay: torch.Tensor | None,
+    visible: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The picks ``top [T, k]`` (visibility ``valid``) with each row of ``replay`` whose first id is not
+    -1 imposing its own (visible where ``visible(picks)`` and the imposed id is not -1)."""
+    if replay is None:
+        return top, valid
+    imposed = replay[:, : top.shape[1]]
+    use = replay[:, :1] >= 0
+    top = torch.where(use, imposed.clamp(min=0), top)
+    return top, torch.where(use, (imposed >= 0) & visible(top), valid)
+
+
+def indexer_topk_shared(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    keys: torch.Tensor,
+    rows: torch.Tensor,
+    limit: torch.Tensor,
+    topk: int,
+    replay: torch.Tensor | None = None,
+    *,
+    query_block: int = 256,
+    key_block: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`indexer_topk` for queries that share their keys (one request's prefill chunk), streamed.
+
+    Token t sees the first ``limit[t]`` of the keys ``keys[rows]`` (``rows [N]``: storage rows). Scores
+    are computed for ``query_block`` queries against ``key_block`` keys at a time and folded into a
+    running top-k, so memory stays O(query_block · (n_I · key_block + k)) whatever N is; the picks are
+    :func:`select_topk`'s over whole rows (its ranking is a total order). The scores returned are the
+    selection's, without a graph; where replayed picks or an objective need theirs, see
+    :func:`indexer_scores_at`.
+    """
+    n = rows.shape[0]
+    k = min(topk, n)
+    ranked: list[torch.Tensor] = []
+    with torch.no_grad():
+        for q0 in range(0, q.shape[0], query_block):
+            qb, wb = q[q0 : q0 + query_block], weights[q0 : q0 + query_block]
+            seen = limit[q0 : q0 + query_block].unsqueeze(1)
+            best = None  # [b, <= k] rank keys of the best picks so far
+            for s0 in range(0, n, key_block):
+                ids = torch.arange(s0, min(n, s0 + key_block), device=q.device)
+                index = indexer_scores(qb, wb, keys.index_select(0, rows[s0 : s0 + key_block]))  # [b, B]
+                block = rank_keys(index.masked_fill(ids >= seen, float("-inf")), ids)
+                if best is not None:
+                    block = torch.cat((best, block), dim=1)
+                best = block.topk(min(k, block.shape[1]), dim=-1).values
+            assert best is not None
+            ranked.append(best)
+    scores, top = unrank(torch.cat(ranked))
+    bound = limit.unsqueeze(1)
+    top, valid = _replayed(top, top < bound, replay, lambda picks: picks < bound)
+    return top, valid, scores
+
+
+def indexer_scores_at(
+    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, top: torch.Tensor,
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """Index scores ``[T, k]`` of the picks ``top`` (entries of the shared keys ``keys[rows]``), ``-inf``
+    where not ``valid``: the indexer objective's logits, with their graph."""
+    return indexer_scores(q, weights, keys[rows[top]]).masked_fill(~valid, float("-inf"))
+
+
 def indexer_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Index scores ``[T, N]`` of queries ``q [T, n_I, c]`` against keys ``keys [N, c]`` shared by all."""
+    """Index scores ``[T, N]`` of queries ``q [T, n_I, c]`` against keys ``keys [N, c]`` shared by all, or
+    ``[T, N, c]``, each query its own."""
     scale = q.shape[-1] ** -0.5
-    scores = torch.relu(torch.matmul(q.float(), keys.float().t())) * scale  # [T, n_I, N]
+    if keys.dim() == 2:
+        product = torch.matmul(q.float(), keys.float().t())
+    else:
+        product = torch.bmm(q.float(), keys.float().transpose(1, 2))
+    scores = torch.relu(product) * scale  # [T, n_I, N]
     index: torch.Tensor = (scores * weights.float().unsqueeze(-1)).sum(dim=1)
     return index
 
@@ -119,10 +212,11 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -
 def dense_sink_attention(
     q: torch.Tensor, kvs: list[torch.Tensor], masks: list[torch.Tensor], sink: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Sink attention of ``q [T, H, d]`` over key/value sets shared by all queries (``kvs[i] [L_i, d]``,
-    visibility ``masks[i] [T, L_i]``). Returns ``o [T, H, d]`` and the probabilities per set."""
+    """Sink attention of ``q [T, H, d]`` over key/value sets, each shared by all queries (``kvs[i]
+    [L_i, d]``) or per query (``[T, L_i, d]``), with visibility ``masks[i] [T, L_i]``. Returns
+    ``o [T, H, d]`` and the probabilities per set."""
     scores = [
-        torch.matmul(q, kv.t()).mul_(scale).masked_fill_(~m.unsqueeze(1), float("-inf"))  # [T, H, L_i]
+        torch.matmul(q, kv.transpose(-1, -2)).mul_(scale).masked_fill_(~m.unsqueeze(1), float("-inf"))  # [T, H, L_i]
         for kv, m in zip(kvs, masks, strict=True)
     ]
     sinks = sink.to(q.dtype).view(1, -1, 1).expand(q.shape[0], -1, 1)

@@ -64,7 +64,8 @@ class _RatioPlan:
     emit_rows: torch.Tensor  # [E, coff*m] logical row (token position) of each slot
     emit_valid: torch.Tensor  # [E, coff*m]
     visible: torch.Tensor  # [Tg, N] logical entry index read by each gather-path token
-    visible_valid: torch.Tensor  # [Tg, N]
+    visible_valid: torch.Tensor  # [Tg, N]: the first visible_count[t] of a row
+    visible_count: torch.Tensor  # [Tg]
     derived: dict[Any, torch.Tensor] = field(default_factory=dict)  # per-step values a backend reuses across layers
 
 
@@ -238,7 +239,7 @@ class ReferenceAttentionBackend:
             visible = torch.where(visible_valid, visible, 0)  # unseen entries read entry 0, masked
             plan.ratios[ratio] = _RatioPlan(
                 ratio, emit_req, emit_block, emit_rows.clamp(min=0), emit_valid,
-                visible.contiguous(), visible_valid,
+                visible.contiguous(), visible_valid, n_visible.clamp(max=width),
             )
             if pool is None:
                 # Token streams hold the forward's own rows; entry streams its emitted blocks in order.
@@ -311,7 +312,7 @@ class ReferenceAttentionBackend:
                 if picks is not None and inputs.routing is not None and inputs.routing.replay:
                     replay = picks if sel is None else picks[sel]
                 top, top_valid, top_scores = self._indexer_topk(
-                    plan, iq, iw, keys, ivisible, rp.visible_valid, layer.index_topk, replay, inputs.aux is not None
+                    plan, iq, iw, keys, ivisible, rp.visible_count, layer.index_topk, replay, inputs.aux is not None
                 )
                 _record(inputs, picks, sel, top, top_valid)
                 visible = visible.gather(1, top)
@@ -337,15 +338,26 @@ class ReferenceAttentionBackend:
         weights: torch.Tensor,
         keys: torch.Tensor,
         rows: torch.Tensor,
-        valid: torch.Tensor,
+        limit: torch.Tensor,
         topk: int,
         replay: torch.Tensor | None,
         training_objective: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:func:`ops.indexer_topk` over the keys ``keys[rows]`` (``training_objective``: the indexer's
-        loss is being computed, so its scores need their graph). Backends with kernels that read the
+        """The indexer's picks ``[T, k]`` (positions in the N axis of ``rows``), their visibility and
+        scores (:func:`ops.select_topk`) for queries ``q``: token t scores the keys ``keys[rows[t, s]]``
+        (``rows [T, N]``; ``[N]``: keys shared by every query, a prefill chunk) for ``s < limit[t]``.
+        ``training_objective``: the indexer's loss is being computed, so its scores need their graph.
+
+        Here: per-token rows gather their keys (:func:`ops.indexer_topk`, the oracle); shared ones are
+        streamed in blocks (:func:`ops.indexer_topk_shared`). Backends with kernels that read the
         storage in place override this."""
-        return ops.indexer_topk(q, weights, _gather_rows(keys, rows), valid, topk, replay)
+        if rows.dim() == 2:
+            valid = torch.arange(rows.shape[1], device=rows.device) < limit.unsqueeze(1)
+            return ops.indexer_topk(q, weights, _gather_rows(keys, rows), valid, topk, replay)
+        top, valid, scores = ops.indexer_topk_shared(q, weights, keys, rows, limit, topk, replay)
+        if training_objective or replay is not None:  # the picks' own scores, with their graph
+            scores = ops.indexer_scores_at(q, weights, keys, rows, top, valid)
+        return top, valid, scores
 
     def _attend_inference(
         self,
@@ -375,35 +387,51 @@ class ReferenceAttentionBackend:
         keys: torch.Tensor | None,
         picks: torch.Tensor | None,
     ) -> torch.Tensor:
-        """A long chunk of one request: its queries against its contiguous window context and entries,
-        in blocks of queries so memory stays O(block · (block + W + entries))."""
-        w, ratio = self.config.sliding_window, layer.ratio
+        """A long chunk of one request: its queries against its contiguous window context and entries, in
+        blocks of ``dense_block`` queries. A ratio-4 layer reads only each query's top-k entries
+        (:meth:`_attend_dense_sparse`), the others every visible one (:meth:`_attend_dense_band`)."""
         req = torch.full_like(d.context, d.index)
-        kv = win.index_select(0, plan.slots("win", f"ctx{d.index}", req, d.context))  # [L, d]
-        c0 = d.context_start
-        ent = None
-        top_all: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        n = 0
+        ctx_slots = plan.slots("win", f"ctx{d.index}", req, d.context)  # [L]
+        ent_slots = None
         if entries is not None:
-            n = (d.first + d.length) // ratio  # positions[-1] + 1
-            idx = torch.arange(n, device=kv.device)
-            ent = entries.index_select(0, plan.slots(f"c{ratio}.ent", f"ctx{d.index}", req[:1].expand(n), idx))
+            n = (d.first + d.length) // layer.ratio  # positions[-1] + 1
+            ent_slots = plan.slots(f"c{layer.ratio}.ent", f"ctx{d.index}", req[:1].expand(n),
+                                   torch.arange(n, device=ctx_slots.device))
             if keys is not None and n:
-                assert inputs.indexer is not None
-                k = keys.index_select(0, plan.slots(f"c{ratio}.ient", f"ctx{d.index}", req[:1].expand(n), idx))
-                rows = slice(d.start, d.start + d.length)
-                scores = ops.indexer_scores(inputs.indexer.q[rows], inputs.indexer.weights[rows], k)  # [e, N]
-                visible = idx.unsqueeze(0) < (d.positions.unsqueeze(1) + 1) // ratio
-                rows_sel = torch.arange(d.start, d.start + d.length, device=kv.device)
-                replay = None
-                if picks is not None and inputs.routing is not None and inputs.routing.replay:
-                    replay = picks[rows_sel]
-                top, top_valid, top_scores = ops.select_topk(
-                    scores.masked_fill(~visible, float("-inf")), visible, layer.index_topk, replay
-                )
-                top_all = (top, top_valid, top_scores)
-                _record(inputs, picks, rows_sel, top, top_valid)
-        outs, comp_probs = [], []
+                return self._attend_dense_sparse(plan, d, layer, inputs, win, entries, keys, picks, ctx_slots,
+                                                 ent_slots)
+        return self._attend_dense_band(plan, d, layer, inputs, win, entries, ctx_slots, ent_slots)
+
+    def _window_rows(
+        self, d: _DenseRequest, b0: int, b1: int, ctx_slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Storage rows ``[b, W]`` of the window of queries ``b0 … b1 - 1`` of a dense request, and their
+        validity (the gather path's per-token view of the window; ``ctx_slots [L]`` are the context's rows)."""
+        w = self.config.sliding_window
+        t = d.positions[b0:b1].unsqueeze(1)  # [b, 1]
+        j = t - d.context_start - (w - 1) + torch.arange(w, device=t.device)  # [b, W] rows in the context
+        return ctx_slots[j.clamp(min=0)], j >= 0
+
+    def _attend_dense_band(
+        self,
+        plan: ReferencePlan,
+        d: _DenseRequest,
+        layer: AttentionLayer,
+        inputs: AttentionInputs,
+        win: torch.Tensor,
+        entries: torch.Tensor | None,
+        ctx_slots: torch.Tensor,
+        ent_slots: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """:meth:`_attend_dense` of a layer that attends every visible entry (or none): per block of
+        queries, one product over the shared window band (and entries) with masks, so memory stays
+        O(block · (block + W + N)). ``ctx_slots [L]``/``ent_slots [N]``: storage rows of the context and
+        the entries. Backends with kernels that read the storage in place override this."""
+        w, ratio = self.config.sliding_window, layer.ratio
+        kv = win.index_select(0, ctx_slots)  # [L, d]
+        ent = None if entries is None or ent_slots is None else entries.index_select(0, ent_slots)  # [N, d]
+        c0 = d.context_start
+        outs = []
         for b0 in range(0, d.length, self.dense_block):
             b1 = min(d.length, b0 + self.dense_block)
             t = d.positions[b0:b1].unsqueeze(1)  # [b, 1]
@@ -412,21 +440,69 @@ class ReferenceAttentionBackend:
             ctx = d.context[lo:hi].unsqueeze(0)
             kvs, masks = [kv[lo:hi]], [(ctx <= t) & (ctx > t - w)]  # the sliding-window band
             if ent is not None:
-                visible = torch.arange(n, device=kv.device).unsqueeze(0) < (t + 1) // ratio  # [b, N]
-                if top_all is not None:
-                    top, top_valid = top_all[0][b0:b1], top_all[1][b0:b1]
-                    visible = torch.zeros_like(visible).scatter(1, top, top_valid)
                 kvs.append(ent)
-                masks.append(visible)
-            out, probs = ops.dense_sink_attention(
+                masks.append(torch.arange(ent.shape[0], device=kv.device).unsqueeze(0) < (t + 1) // ratio)  # [b, N]
+            out, _ = ops.dense_sink_attention(
                 inputs.q[d.start + b0 : d.start + b1], kvs, masks, layer.attn_sink, layer.softmax_scale
             )
             outs.append(out)
-            if inputs.aux is not None and top_all is not None:
-                top = top_all[0][b0:b1]
-                comp_probs.append(probs[1].gather(2, top.unsqueeze(1).expand(-1, probs[1].shape[1], -1)))
-        if inputs.aux is not None and top_all is not None:
-            top_valid, top_scores = top_all[1], top_all[2]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _attend_dense_sparse(
+        self,
+        plan: ReferencePlan,
+        d: _DenseRequest,
+        layer: AttentionLayer,
+        inputs: AttentionInputs,
+        win: torch.Tensor,
+        entries: torch.Tensor,
+        keys: torch.Tensor,
+        picks: torch.Tensor | None,
+        ctx_slots: torch.Tensor,
+        ent_slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`_attend_dense` of a ratio-4 layer: the indexer's top-k over the request's keys, then each
+        block of queries attends over its window and its picks only (O(block · (W + k)) per block).
+        ``ctx_slots [L]``/``ent_slots [N]`` are the storage rows of the window context and the entries."""
+        w, ratio, dev = self.config.sliding_window, layer.ratio, ctx_slots.device
+        assert inputs.indexer is not None
+        n = ent_slots.shape[0]
+        batch_rows = torch.arange(d.start, d.start + d.length, device=dev)
+        req = torch.full((n,), d.index, dtype=torch.long, device=dev)
+        key_slots = plan.slots(f"c{ratio}.ient", f"ctx{d.index}", req, torch.arange(n, device=dev))
+        replay = None
+        if picks is not None and inputs.routing is not None and inputs.routing.replay:
+            replay = picks[batch_rows]
+        span = slice(d.start, d.start + d.length)
+        top, top_valid, top_scores = self._indexer_topk(
+            plan, inputs.indexer.q[span], inputs.indexer.weights[span], keys, key_slots, (d.positions + 1) // ratio,
+            layer.index_topk, replay, inputs.aux is not None,
+        )
+        _record(inputs, picks, batch_rows, top, top_valid)
+        picked = ent_slots[top]  # [e, k] storage rows of each query's entries
+        inference = plan.kernels.mode == "inference" and inputs.aux is None
+        c0 = d.context_start
+        kv = None if inference else win.index_select(0, ctx_slots)  # [L, d]
+        outs, comp_probs = [], []
+        for b0 in range(0, d.length, self.dense_block):
+            b1 = min(d.length, b0 + self.dense_block)
+            t = d.positions[b0:b1].unsqueeze(1)  # [b, 1]
+            q = inputs.q[d.start + b0 : d.start + b1]
+            if kv is None:  # the gather path's arithmetic: per-token window rows and picks
+                rows, valid = self._window_rows(d, b0, b1, ctx_slots)
+                sources = [(win, rows), (entries, picked[b0:b1])]
+                outs.append(self._attend_inference(layer, q, sources, [valid, top_valid[b0:b1]]))
+                continue
+            lo = max(0, d.first + b0 - w + 1 - c0)  # positions[b0] - w + 1, in the context
+            hi = d.first + b1 - c0  # positions[b1 - 1] + 1
+            ctx = d.context[lo:hi].unsqueeze(0)
+            out, probs = ops.dense_sink_attention(
+                q, [kv[lo:hi], _gather_rows(entries, picked[b0:b1])], [(ctx <= t) & (ctx > t - w), top_valid[b0:b1]],
+                layer.attn_sink, layer.softmax_scale,
+            )
+            outs.append(out)
+            comp_probs.append(probs[1])  # [b, H, k], in pick order
+        if inputs.aux is not None:
             kl = ops.indexer_kl(torch.cat(comp_probs), top_scores.masked_fill(~top_valid, 0.0), top_valid)
             inputs.aux.setdefault("indexer_kl", []).append(kl)
         return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -5,7 +5,7 @@ Sinkhorn loop alone is ~120 tiny kernels per sublayer, decode attention copies e
 entry it reads into a gathered tensor before two small batched products, and each expert of a decode
 step pays two small BLAS calls and a SwiGLU of several ops. The kernels in ``dsv4_cpu.c`` do such
 work in one call each (:mod:`dsv4.native.kernels` wraps them): mHC pre/post, RMSNorm, RoPE, sink
-attention and indexer scores that read rows straight from the KV pool by slot, block compression,
+attention and the lightning indexer's top-k that read rows straight from the KV pool by slot, block compression,
 the MoE router and routed experts, the pool's slot lookup. They serve inference only (no autograd,
 not batch-invariant), float32 on the CPU; every caller keeps its PyTorch path, which is the
 reference the kernels are tested against. The exception is the Sinkhorn loop of training
@@ -37,7 +37,7 @@ from loguru import logger
 
 __all__ = ["ABI", "available", "cache_dir", "library", "unavailable_reason"]
 
-ABI = 3  # must equal DSV4_NATIVE_ABI in dsv4_cpu.c
+ABI = 4  # must equal DSV4_NATIVE_ABI in dsv4_cpu.c
 # Tried in order: the fastest build first; -march=native or -fopenmp may be unsupported
 # (e.g. Apple's clang has no OpenMP: the kernels then run on one thread).
 _FLAG_SETS = (
@@ -178,7 +178,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "dsv4_moe_gate": ([i64, i64, i64, ptr, ptr, ptr, i32, i64, ptr, f32, ptr, ptr], i64),
         "dsv4_rope": ([i64, i64, i64, i64, ptr, ptr, i32, ptr], None),
         "dsv4_compress": ([i64, i64, i64, i32, ptr, i64, ptr, ptr, ptr, ptr, f32, ptr, i64, ptr], i64),
-        "dsv4_index_scores": ([i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, f32, ptr], i64),
+        "dsv4_indexer_topk": ([i64, i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, ptr, i64, i64, f32, ptr, ptr],
+                              i64),
         "dsv4_slots": ([i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ptr], None),
     }
     for name, (args, result) in signatures.items():

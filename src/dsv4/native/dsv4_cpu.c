@@ -3,7 +3,7 @@
  *
  * Each kernel replaces a chain of small PyTorch ops whose dispatch and memory traffic dominate a
  * CPU decode step: sink attention over rows read in place from the paged KV pool, block
- * compression and lightning-indexer scores (spec §5), the mHC pre/post mixes (§4), RMSNorm and
+ * compression and the lightning indexer's streamed top-k (spec §5), the mHC pre/post mixes (§4), RMSNorm and
  * RoPE (§2, §3), the MoE router and routed experts (§6), and the pool's slot lookup. The arithmetic
  * is the PyTorch paths' in another summation order; tests compare them. (The Sinkhorn kernels keep
  * PyTorch's order exactly.) Kernels that index storage
@@ -19,7 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define DSV4_NATIVE_ABI 3
+#define DSV4_NATIVE_ABI 4
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
@@ -720,47 +720,223 @@ int64_t dsv4_compress(int64_t E, int64_t m, int64_t c, int32_t overlap, const fl
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Lightning-indexer scores (spec §5.2) over keys read in place: out[t, s] = scale * sum_h
- * w[t, h] * relu(q[t, h] . store[slots[t, s]]) where valid[t, s], else -inf. q [T, nh, c] and
- * w [T, nh] contiguous; c a multiple of 16.
+ * Lightning-indexer top-k (spec §5.2), streamed: each token's scores are computed a few keys at a
+ * time and folded into a running top-k, so no [tokens x keys] score matrix is ever held.
+ *
+ * score(t, s) = scale * sum_h w[t, h] * relu(q[t, h] . key_s) over the token's visible entries
+ * s < limit[t] (<= N), key_s = store[slots_t[s]] read in place, slots_t = slots + t * slot_stride
+ * (slot_stride 0: every token reads the same keys, as the queries of one request's prefill chunk do,
+ * and tokens are then scored in pairs against each key). Picks are ranked by score, ties by the
+ * lower entry index: a total order, so the top k do not depend on how the work is split (see
+ * dsv4.attention.ops.select_topk, which ranks the same way). idx/score [T, k] get the k best in rank
+ * order; a token with fewer than k visible entries gets its own, then the lowest invisible entries
+ * (limit[t], limit[t] + 1, ...) with score -inf.
+ *
+ * The arithmetic of one (token, key) pair does not depend on the batch, the pairing or the split:
+ * vectors run over 16 heads (padded with zero heads), the dot product over channels is a chain in
+ * channel order, head groups add in order and hsum8 sums the 16 lanes by one fixed tree. A token
+ * scored by a prefill chunk and by a decode step gets the same bits, hence the same picks.
  */
-int64_t dsv4_index_scores(int64_t T, int64_t nh, int64_t c, const float* q, const float* w, const float* store,
-                          int64_t n_rows, const int64_t* slots, const uint8_t* valid, int64_t N, float scale,
-                          float* out) {
-    const int64_t C = c / 16, Hp = (nh + 7) / 8 * 8;
-    for (int64_t i = 0; i < T * N; i++)
-        if (valid[i] && (slots[i] < 0 || slots[i] >= n_rows)) return 1; /* a valid slot outside the store */
-#pragma omp parallel
-    {
-        float* qpad = (float*)calloc((size_t)(Hp * c), sizeof(float));
-        float* wpad = (float*)calloc((size_t)Hp, sizeof(float));
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) {
-            memcpy(qpad, q + t * nh * c, sizeof(float) * (size_t)(nh * c));
-            memcpy(wpad, w + t * nh, sizeof(float) * (size_t)nh);
-            for (int64_t s = 0; s < N; s++) {
-                if (!valid[t * N + s]) {
-                    out[t * N + s] = -INFINITY;
-                    continue;
-                }
-                const float* key = store + slots[t * N + s] * c;
-                float total = 0.f;
-                for (int64_t h0 = 0; h0 < Hp; h0 += 8) {
-                    v16 acc[8];
-                    for (int h = 0; h < 8; h++) acc[h] = splat(0.f);
-                    for (int64_t k = 0; k < C; k++) {
-                        const v16 kv = ld(key + 16 * k);
-                        for (int h = 0; h < 8; h++) acc[h] += ld(qpad + (h0 + h) * c + 16 * k) * kv;
-                    }
-                    const v16 sums = hsum8(acc);
-                    for (int h = 0; h < 8; h++) total += wpad[h0 + h] * (sums[h] > 0.f ? sums[h] : 0.f);
-                }
-                out[t * N + s] = total * scale;
+
+/* A pick's rank as one integer (greater: better): the score's bits made order-preserving in the high
+ * 32 bits (-0.0 ranks as 0.0), 2^32 - 1 - its entry index in the low 32 (dsv4.attention.ops.rank_keys). */
+static inline int64_t rank_key(float s, int64_t id) {
+    const float z = s + 0.0f; /* -0.0 becomes 0.0 */
+    int32_t b;
+    memcpy(&b, &z, sizeof b);
+    const int64_t ordered = b >= 0 ? b : b ^ 0x7FFFFFFF;
+    return (int64_t)((uint64_t)ordered << 32) | (0xFFFFFFFFLL - id);
+}
+
+static inline float key_score(int64_t key) {
+    const int32_t ordered = (int32_t)(key >> 32), b = ordered >= 0 ? ordered : ordered ^ 0x7FFFFFFF;
+    float s;
+    memcpy(&s, &b, sizeof s);
+    return s;
+}
+
+/* A min-heap of at most k rank keys: the lowest-ranked pick at the root. */
+static inline void heap_down(int64_t* h, int64_t n, int64_t i) {
+    const int64_t x = h[i];
+    for (;;) {
+        const int64_t l = 2 * i + 1, r = l + 1;
+        if (l >= n) break;
+        const int64_t m = r < n && h[r] < h[l] ? r : l;
+        if (h[m] >= x) break;
+        h[i] = h[m];
+        i = m;
+    }
+    h[i] = x;
+}
+
+static inline void heap_offer(int64_t* h, int64_t* n, int64_t k, int64_t key) {
+    if (*n < k) { /* not full: sift the new pick up */
+        int64_t i = (*n)++;
+        while (i > 0 && h[(i - 1) / 2] > key) {
+            h[i] = h[(i - 1) / 2];
+            i = (i - 1) / 2;
+        }
+        h[i] = key;
+    } else if (key > h[0]) { /* it beats the lowest-ranked pick: replace it */
+        h[0] = key;
+        heap_down(h, k, 0);
+    }
+}
+
+/* The lowest score a pick must reach to enter a heap of n of at most k picks. */
+static inline float heap_floor(const int64_t* h, int64_t n, int64_t k) { return n < k ? -INFINITY : key_score(h[0]); }
+
+/* q [nh, c] as qT [G][c][16] (head groups of 16 lanes, zero heads past nh), w [nh] as wv [G][16]. */
+static void pack_heads(int64_t nh, int64_t c, const float* q, const float* w, float* qT, float* wv) {
+    const int64_t G = (nh + 15) / 16;
+    memset(qT, 0, sizeof(float) * (size_t)(G * c * 16));
+    memset(wv, 0, sizeof(float) * (size_t)(G * 16));
+    for (int64_t h = 0; h < nh; h++) {
+        float* dst = qT + (h / 16) * c * 16 + h % 16;
+        for (int64_t ch = 0; ch < c; ch++) dst[ch * 16] = q[h * c + ch];
+        wv[h] = w[h];
+    }
+}
+
+/* Scores of TB tokens (packed by pack_heads) against KB keys (KB a multiple of 8): out[b][j]. The
+ * TB x KB accumulators (16 at most) stay in registers through the channel loop. */
+static inline __attribute__((always_inline)) void index_tile(const int TB, const int KB, int64_t G, int64_t c,
+                                                              const float* const* qT, const float* const* wv,
+                                                              const float* const* keys, float scale,
+                                                              float out[][16]) {
+    v16 part[2][16]; /* sum over head groups of w * relu(q . key), lane by lane */
+    for (int b = 0; b < TB; b++)
+        for (int j = 0; j < KB; j++) part[b][j] = splat(0.f);
+    for (int64_t g = 0; g < G; g++) {
+        v16 acc[2][16];
+        for (int b = 0; b < TB; b++)
+            for (int j = 0; j < KB; j++) acc[b][j] = splat(0.f);
+        for (int64_t ch = 0; ch < c; ch++) {
+            v16 qv[2];
+            for (int b = 0; b < TB; b++) qv[b] = ld(qT[b] + (g * c + ch) * 16);
+            for (int j = 0; j < KB; j++) {
+                const v16 kv = splat(keys[j][ch]);
+                for (int b = 0; b < TB; b++) acc[b][j] += qv[b] * kv;
             }
         }
-        free(qpad);
-        free(wpad);
+        for (int b = 0; b < TB; b++) {
+            const v16 wg = ld(wv[b] + g * 16);
+            for (int j = 0; j < KB; j++) part[b][j] += vmax(acc[b][j], splat(0.f)) * wg;
+        }
     }
+    for (int b = 0; b < TB; b++)
+        for (int j = 0; j < KB; j += 8) {
+            const v16 sums = hsum8(part[b] + j) * scale;
+            for (int i = 0; i < 8; i++) out[b][j + i] = sums[i];
+        }
+}
+
+/* Rank order out of a heap of n picks (the lowest-ranked popped into the last place first), then the fill. */
+static void heap_emit(int64_t* h, int64_t n, int64_t k, int64_t limit, int64_t* idx, float* score) {
+    for (int64_t m = n - 1; m >= 0; m--) {
+        const int64_t key = h[0];
+        score[m] = key_score(key), idx[m] = 0xFFFFFFFFLL - (key & 0xFFFFFFFFLL);
+        h[0] = h[m];
+        heap_down(h, m, 0);
+    }
+    for (int64_t j = n; j < k; j++) score[j] = -INFINITY, idx[j] = limit + (j - n);
+}
+
+/* Work items: tiles of tokens (one token, or up to 32 sharing their keys, their packed queries within
+ * 256 KB so they stay in L2 while the keys stream past) times splits of their keys, enough items for
+ * 2 per thread where a step has few tokens (a decode step), each split at least 1024 keys. */
+int64_t dsv4_indexer_topk(int64_t T, int64_t nh, int64_t c, const float* q, const float* w, const float* store,
+                          int64_t n_rows, const int64_t* slots, int64_t N, int64_t slot_stride,
+                          const int64_t* limit, int64_t k, int64_t threads, float scale, int64_t* idx,
+                          float* score) {
+    const int64_t G = (nh + 15) / 16, shared = slot_stride == 0;
+    int64_t checked = 0; /* shared keys: the slots below this one were checked */
+    for (int64_t t = 0; t < T; t++) {
+        if (limit[t] < 0 || limit[t] > N) return 1; /* more entries visible than there are */
+        const int64_t* row = slots + t * slot_stride;
+        for (int64_t s = shared ? checked : 0; s < limit[t]; s++)
+            if (row[s] < 0 || row[s] >= n_rows) return 1; /* a visible slot outside the store */
+        if (shared && limit[t] > checked) checked = limit[t];
+    }
+    const int64_t fit = 65536 / (G * c * 16), span = shared ? (fit > 32 ? 32 : fit < 2 ? 2 : fit) : 1;
+    const int64_t tiles = (T + span - 1) / span;
+    int64_t splits = 1;
+    if (tiles < 2 * threads) {
+        splits = (2 * threads + tiles - 1) / tiles;
+        if (splits > N / 1024) splits = N / 1024 > 1 ? N / 1024 : 1;
+    }
+    const int64_t items = tiles * splits;
+    /* Each work item's heaps (one per token of its tile and split): [T][splits][k]. */
+    int64_t* heaps = (int64_t*)malloc(sizeof(int64_t) * (size_t)(T * splits * k + 1));
+    int64_t* pn = (int64_t*)calloc((size_t)(T * splits + 1), sizeof(int64_t));
+    float* zero = (float*)calloc((size_t)c, sizeof(float)); /* stands in for keys past the visible ones */
+#pragma omp parallel
+    {
+        float* qT = (float*)malloc(sizeof(float) * (size_t)(span * G * c * 16));
+        float* wv = (float*)malloc(sizeof(float) * (size_t)(span * G * 16));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            const int64_t t0 = (it / splits) * span, t1 = t0 + span < T ? t0 + span : T, sp = it % splits;
+            int64_t most = 0;
+            for (int64_t t = t0; t < t1; t++) {
+                pack_heads(nh, c, q + t * nh * c, w + t * nh, qT + (t - t0) * G * c * 16, wv + (t - t0) * G * 16);
+                most = limit[t] > most ? limit[t] : most;
+            }
+            const int64_t lo = most * sp / splits, hi = most * (sp + 1) / splits;
+            if (shared) {
+                for (int64_t s0 = lo; s0 < hi; s0 += 8) {
+                    const float* keys[8];
+                    for (int j = 0; j < 8; j++) keys[j] = s0 + j < hi ? store + slots[s0 + j] * c : zero;
+                    for (int64_t t = t0; t < t1; t += 2) { /* an odd last token is paired with itself */
+                        const int64_t u = t + 1 < t1 ? t + 1 : t;
+                        const float* qp[2] = {qT + (t - t0) * G * c * 16, qT + (u - t0) * G * c * 16};
+                        const float* wp[2] = {wv + (t - t0) * G * 16, wv + (u - t0) * G * 16};
+                        float sc[2][16];
+                        index_tile(2, 8, G, c, qp, wp, keys, scale, sc);
+                        for (int b = 0; b < (u > t ? 2 : 1); b++) {
+                            const int64_t tb = t + b, at = tb * splits + sp, end = limit[tb] < hi ? limit[tb] : hi;
+                            int64_t* h = heaps + at * k;
+                            const float floor = heap_floor(h, pn[at], k);
+                            for (int j = 0; j < 8 && s0 + j < end; j++)
+                                if (sc[b][j] >= floor) heap_offer(h, pn + at, k, rank_key(sc[b][j], s0 + j));
+                        }
+                    }
+                }
+            } else {
+                const int64_t* row = slots + t0 * slot_stride;
+                const int64_t end = limit[t0] < hi ? limit[t0] : hi, at = t0 * splits + sp;
+                for (int64_t s0 = lo; s0 < end; s0 += 16) {
+                    const float* keys[16];
+                    for (int j = 0; j < 16; j++) keys[j] = s0 + j < end ? store + row[s0 + j] * c : zero;
+                    /* A decode step reads its keys from memory, page by page: fetch two blocks ahead. */
+                    for (int64_t j = s0 + 32; j < s0 + 48 && j < end; j++)
+                        for (int64_t ch = 0; ch < c; ch += 16) __builtin_prefetch(store + row[j] * c + ch, 0, 3);
+                    const float* qp[1] = {qT};
+                    const float* wp[1] = {wv};
+                    float sc[1][16];
+                    index_tile(1, 16, G, c, qp, wp, keys, scale, sc);
+                    int64_t* h = heaps + at * k;
+                    const float floor = heap_floor(h, pn[at], k);
+                    for (int j = 0; j < 16 && s0 + j < end; j++)
+                        if (sc[0][j] >= floor) heap_offer(h, pn + at, k, rank_key(sc[0][j], s0 + j));
+                }
+            }
+        }
+        free(qT);
+        free(wv);
+        /* Merge each token's split heaps into its first, then emit in rank order. */
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            int64_t* h = heaps + t * splits * k;
+            int64_t* n = pn + t * splits;
+            for (int64_t sp = 1; sp < splits; sp++)
+                for (int64_t j = 0; j < n[sp]; j++) heap_offer(h, n, k, h[sp * k + j]);
+            heap_emit(h, n[0], k, limit[t], idx + t * k, score + t * k);
+        }
+    }
+    free(heaps);
+    free(pn);
+    free(zero);
     return 0;
 }
 

@@ -17,7 +17,7 @@ __all__ = [
     "compress_entries",
     "hc_post",
     "hc_pre",
-    "index_scores",
+    "indexer_topk",
     "moe_experts",
     "moe_gate",
     "pack_panels",
@@ -357,30 +357,48 @@ def compress_entries(
     return out
 
 
-def index_scores(
-    q: torch.Tensor, weights: torch.Tensor, store: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor
-) -> torch.Tensor:
-    """The lightning indexer's scores ``[T, N]`` (:func:`dsv4.attention.ops.indexer_topk` before its
-    top-k) of ``q [T, nh, c]`` and head ``weights [T, nh]`` over keys ``store[slots[t, s]]`` read in
-    place (``-inf`` where not ``valid``); ``c`` a multiple of 16."""
+def indexer_topk(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    store: torch.Tensor,
+    slots: torch.Tensor,
+    limit: torch.Tensor,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lightning indexer's top ``k`` (:func:`dsv4.attention.ops.select_topk` of
+    :func:`dsv4.attention.ops.indexer_scores`), streamed over the keys: ``q [T, nh, c]`` and head
+    ``weights [T, nh]`` score the keys ``store[slots[t, s]]`` read in place (``slots [T, N]``, or
+    ``[N]`` shared by every token), of which token t sees the first ``limit[t]`` (``<= N``). Returns
+    the picks ``[T, k]`` (entry indices in N, best first, ties to the lower index; after a token's
+    visible entries its lowest invisible ones) and their scores (``-inf`` for invisible picks)."""
     for name, t in (("q", q), ("weights", weights), ("store", store)):
         _check(name, t)
     n_tok, nh, c = q.shape
-    if c % 16 or weights.shape != (n_tok, nh):
-        raise ValueError(f"index_scores: q {tuple(q.shape)} (width a multiple of 16) and weights "
-                         f"{tuple(weights.shape)} do not fit")
+    if weights.shape != (n_tok, nh):
+        raise ValueError(f"indexer_topk: weights {tuple(weights.shape)} do not fit q {tuple(q.shape)}")
     if store.dim() != 2 or store.shape[1] != c or not store.is_contiguous():
-        raise ValueError(f"index_scores: store must be a contiguous [S, {c}] tensor, got {tuple(store.shape)}")
-    if slots.dim() != 2 or slots.shape[0] != n_tok or valid.shape != slots.shape:
-        raise ValueError(f"index_scores: slots {tuple(slots.shape)} and valid {tuple(valid.shape)} must be [{n_tok}, N]")
+        raise ValueError(f"indexer_topk: store must be a contiguous [S, {c}] tensor, got {tuple(store.shape)}")
+    shared = slots.dim() == 1
+    n = slots.shape[-1]
+    if (not shared and (slots.dim() != 2 or slots.shape[0] != n_tok)) or limit.shape != (n_tok,):
+        raise ValueError(f"indexer_topk: slots {tuple(slots.shape)} must be [N] or [{n_tok}, N] and limit "
+                         f"{tuple(limit.shape)} [{n_tok}]")
+    if not 0 < k <= n:
+        raise ValueError(f"indexer_topk: k = {k} must be in [1, N = {n}]")
+    limit = limit.to(torch.int64).contiguous()
     q, weights = q.contiguous(), weights.contiguous()
     slots = slots.to(torch.int64).contiguous()
-    valid = valid.to(torch.uint8).contiguous()
-    out = q.new_empty(n_tok, slots.shape[1])
-    code = _lib().dsv4_index_scores(n_tok, nh, c, q.data_ptr(), weights.data_ptr(), store.data_ptr(), store.shape[0],
-                                    slots.data_ptr(), valid.data_ptr(), slots.shape[1], c**-0.5, out.data_ptr())
-    _status("index_scores", code, "a valid slot is outside the store")
-    return out
+    idx = torch.empty(n_tok, k, dtype=torch.int64)
+    score = q.new_empty(n_tok, k)
+    if n_tok == 0:
+        return idx, score
+    # Too few tokens to occupy every thread (a decode step): each token's keys are split among them as
+    # well, the pieces merged by the same total order.
+    code = _lib().dsv4_indexer_topk(n_tok, nh, c, q.data_ptr(), weights.data_ptr(), store.data_ptr(), store.shape[0],
+                                    slots.data_ptr(), n, 0 if shared else n, limit.data_ptr(), k,
+                                    torch.get_num_threads(), c**-0.5, idx.data_ptr(), score.data_ptr())
+    _status("indexer_topk", code, f"a limit is outside [0, {n}] or a visible slot outside the store")
+    return idx, score
 
 
 def slots(

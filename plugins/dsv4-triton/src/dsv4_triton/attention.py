@@ -6,10 +6,11 @@ identical). In inference (no autograd, not batch-invariant, no auxiliary loss) t
 KV pool in place by slot (:mod:`dsv4_triton.ops.attention`):
 
 - sink attention of every decode token and short prefill chunk over its window rows and selected
-  compressed entries;
+  compressed entries, and of every query of a long chunk in a ratio-4 layer;
 - block compression of the blocks closing in the step, from their stored compressor rows (with fake
   quantisation the reference's arithmetic is kept);
-- the lightning indexer's scores over each token's visible keys (top-k selection stays PyTorch's).
+- the lightning indexer's scores over each token's visible keys (top-k selection stays PyTorch's;
+  a long chunk's queries, which share their keys, take the reference's streamed top-k).
 """
 
 from __future__ import annotations
@@ -67,12 +68,14 @@ class TritonAttentionBackend(ReferenceAttentionBackend):
         weights: torch.Tensor,
         keys: torch.Tensor,
         rows: torch.Tensor,
-        valid: torch.Tensor,
+        limit: torch.Tensor,
         topk: int,
         replay: torch.Tensor | None,
         training_objective: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if training_objective or plan.kernels.mode != "inference":
-            return super()._indexer_topk(plan, q, weights, keys, rows, valid, topk, replay, training_objective)
+        # Keys shared by a long chunk's queries stream through the reference's blocks (no [T, N] scores).
+        if training_objective or plan.kernels.mode != "inference" or rows.dim() != 2:
+            return super()._indexer_topk(plan, q, weights, keys, rows, limit, topk, replay, training_objective)
+        valid = torch.arange(rows.shape[1], device=rows.device) < limit.unsqueeze(1)
         index = kernels.index_scores(q, weights, keys, rows, valid)
         return reference_ops.select_topk(index, valid, topk, replay)
