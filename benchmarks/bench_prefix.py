@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_serve import TEXT, Server, free_port, make_model, pct  # noqa: E402
+from bench_serve import TEXT, Server, free_port, make_model, pct, transformers_server  # noqa: E402
 
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -213,17 +212,8 @@ def main() -> None:
                "served_model_name=bench", "log_level=warning", f"engine.max_num_seqs={args.conversations}",
                f"engine.max_model_len={args.max_model_len}", f"engine.prefix_cache={cache}"]
         rows.append(bench(Server(name, cmd, port, work / f"dsv4-{cache}.log"), "bench", args))
-    if args.skip_hf:
-        rows.append({"server": "transformers serve", "unavailable": "skipped (--skip-hf)"})
-    else:
-        exe = shutil.which("transformers", path=str(bindir)) or shutil.which("transformers")
-        if exe is None:
-            rows.append({"server": "transformers serve", "unavailable": "no `transformers` command in this env"})
-        else:
-            port = free_port()
-            cmd = [exe, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-                   "--dtype", "float32", "--log-level", "warning"]
-            rows.append(bench(Server("transformers serve", cmd, port, work / "transformers.log"), str(model_dir), args))
+    hf = transformers_server(model_dir, work, skip=args.skip_hf)
+    rows.append(bench(hf, str(model_dir), args) if isinstance(hf, Server) else hf)
     what = (str(args.model) if args.model is not None
             else "made here, tiny config (vocab 512)" if args.tiny else "made here, bench_engine's ~60M config")
     print_table(rows, args, what)

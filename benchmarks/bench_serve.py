@@ -278,21 +278,13 @@ def main() -> None:
     row, texts["dsv4"] = bench(dsv4_srv, "bench", args, prompts)
     rows.append(row)
 
-    if args.skip_hf:
-        rows.append({"server": "transformers serve", "unavailable": "skipped (--skip-hf)"})
+    hf = transformers_server(model_dir, work, skip=args.skip_hf,
+                             extra=("--continuous-batching",) if args.hf_continuous_batching else ())
+    if isinstance(hf, Server):
+        row, texts["transformers"] = bench(hf, str(model_dir), args, prompts)
+        rows.append(row)
     else:
-        exe = shutil.which("transformers", path=str(bindir)) or shutil.which("transformers")
-        if exe is None:
-            rows.append({"server": "transformers serve", "unavailable": "no `transformers` command in this env"})
-        else:
-            port = free_port()
-            cmd = [exe, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-                   "--dtype", "float32", "--log-level", "warning"]
-            if args.hf_continuous_batching:
-                cmd.append("--continuous-batching")
-            hf = Server("transformers serve", cmd, port, work / "transformers.log")
-            row, texts["transformers"] = bench(hf, str(model_dir), args, prompts)
-            rows.append(row)
+        rows.append(hf)
 
     what = (str(args.model) if args.model is not None
             else "made here, tiny config (vocab 512)" if args.tiny else "made here, bench_engine's ~60M config")
@@ -318,6 +310,20 @@ def main() -> None:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": rows},
                                         indent=2))
     tmp.cleanup()
+
+
+def transformers_server(model_dir: Path, work: Path, *, skip: bool, extra: tuple[str, ...] = ()) -> Server | dict[str, str]:
+    """``transformers serve`` on ``model_dir`` (float32, CPU), not yet started; or the table row that says
+    why it cannot run (skipped, or no ``transformers`` command in this environment)."""
+    if skip:
+        return {"server": "transformers serve", "unavailable": "skipped (--skip-hf)"}
+    exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
+    if exe is None:
+        return {"server": "transformers serve", "unavailable": "no `transformers` command in this env"}
+    port = free_port()
+    cmd = [exe, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+           "--dtype", "float32", "--log-level", "warning", *extra]
+    return Server("transformers serve", cmd, port, work / "transformers.log")
 
 
 def make_model(path: Path, *, tiny: bool) -> None:

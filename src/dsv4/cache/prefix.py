@@ -114,7 +114,7 @@ class PrefixCache:
         limit = len(tokens) if limit is None else min(limit, len(tokens))
         node, best = self.root, None
         while True:
-            if node.checkpoint is not None and node.depth >= self.min_tokens:
+            if node.checkpoint is not None:  # (never shallower than min_tokens: insert() refuses those)
                 best = node.checkpoint
             if node.depth >= limit:
                 break
