@@ -7,7 +7,9 @@ Page 0 is never handed out; reads of rows that do not exist (masked by the atten
 Pages are reference-counted: :meth:`PagedKVPool.share` gives a second holder (another request, a
 prefix-cache checkpoint) the full pages of a prefix without copying them. Rows are written once, when
 their token is computed, and never again, so a page whose every row is written can be read by any
-number of holders; only a prefix's last, partly written page is copied.
+number of holders; only a prefix's last page is copied: it may be partly written, and in streams of
+one row per token its last row may be written again by each holder (the MTP block's row at a token
+depends on the token after it, which differs between the continuations of a prefix).
 """
 
 from __future__ import annotations
@@ -293,8 +295,9 @@ class PagedKVPool:
     def share(self, src: int, dst: int, num_tokens: int) -> None:
         """Give ``dst`` (holding no pages) the rows a request of ``num_tokens`` tokens reads, as ``src``
         holds them: in every stream, ``src``'s full pages of those rows become ``dst``'s too (one more
-        holder each, no copy), and the last, partly written page is copied into a page of ``dst``'s own,
-        so that each goes on writing its own rows. ``src`` must have computed at least ``num_tokens``
+        holder each, no copy), and the last page (partly written, or holding the last token's row in a
+        stream of one row per token) is copied into a page of ``dst``'s own, so that each goes on writing
+        its own rows. ``src`` must have computed at least ``num_tokens``
         tokens and still hold every row a request of ``num_tokens`` tokens reads (a checkpoint taken
         at ``num_tokens``, or a running request that has not released past it). All or nothing:
         raises :class:`PoolExhausted` (pool unchanged) when a stream lacks a page for the copy."""
@@ -315,7 +318,7 @@ class PagedKVPool:
                 raise ValueError(f"share: request {src} does not hold the rows of stream {name!r} that a request "
                                  f"of {num_tokens} tokens reads")
             spans[name] = (first, last)
-            need[name] = int(rows % P != 0)
+            need[name] = int(rows % P != 0 or spec.ratio == 1)
         short = self._make_room(need)
         if short is not None:
             raise PoolExhausted(f"stream {short!r}: sharing {num_tokens} tokens of request {src} needs a page, none free")

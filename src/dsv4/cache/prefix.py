@@ -44,7 +44,8 @@ class _Node:
 class Checkpoint:
     """The cache of a request after its first ``depth`` tokens, held in the pool as ``holder``.
 
-    ``payload`` is what the engine keeps beside it (the routing records of those tokens).
+    ``payload`` is what the engine keeps beside it (the routing records of those tokens, the model's
+    streams at the last one).
     """
 
     holder: int

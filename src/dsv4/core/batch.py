@@ -75,13 +75,16 @@ class ForwardBatch:
         sample: str | Sequence[int] = "last",
         device: torch.device | str = "cpu",
         parents: Sequence[int] | None = None,
+        sample_rows: Sequence[int] | None = None,
     ) -> ForwardBatch:
         """Build a batch from each request's new token ids.
 
         ``sample`` chooses the rows that produce logits: ``"last"`` (the last new token of every
         request), ``"all"`` (every row: training, prompt logprobs), or a list of request indices
-        whose last new token is sampled (requests still mid-prefill produce none). ``parents``: see
-        the class docstring (no ``rids`` then: a paged request's prefix lives in the pool).
+        whose last new token is sampled (requests still mid-prefill produce none); with such a list,
+        ``sample_rows[j]`` last rows of request ``sample[j]`` (default 1: a speculative step verifies
+        its drafts on several), in order. ``parents``: see the class docstring (no ``rids`` then: a
+        paged request's prefix lives in the pool).
         """
         if isinstance(sample, str) and sample not in ("last", "all"):
             raise ValueError(f"sample must be 'last', 'all' or request indices, got {sample!r}")
@@ -114,8 +117,14 @@ class ForwardBatch:
         last = starts + ext_t - 1
         if isinstance(sample, str):
             sample_index = None if sample == "all" else last
-        else:
+        elif sample_rows is None or all(k == 1 for k in sample_rows):
             sample_index = last[pick_t]
+        else:
+            if len(sample_rows) != len(picks) or any(not 1 <= k <= ext[i] for i, k in zip(picks, sample_rows)):
+                raise ValueError(f"sample_rows {list(sample_rows)} must give 1 … extend_len rows for each of {picks}")
+            ends = list(itertools.accumulate(ext))  # host-side: no device read
+            rows = [ends[i] - k + m for i, k in zip(picks, sample_rows, strict=True) for m in range(k)]
+            sample_index = to_device(torch.tensor(rows, dtype=torch.long), dev)
         return cls(
             input_ids=ids,
             positions=positions,

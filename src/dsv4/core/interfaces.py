@@ -511,6 +511,8 @@ class ScheduledSequence(Protocol):
     def arrival(self) -> tuple[int, int]: ...  # noqa: D102  (request arrival order, sample index)
     @property
     def num_tokens(self) -> int: ...  # noqa: D102  prompt plus generated tokens
+    @property
+    def num_lookahead(self) -> int: ...  # noqa: D102  draft tokens after those a step may verify (speculative decoding)
 
     num_computed: int  # tokens whose KV is in the pool; a scheduler preempting the sequence sets it to 0
     status: SequenceStatus
@@ -564,8 +566,10 @@ class Scheduler(Protocol[SeqT]):
 
     def schedule(self) -> ScheduledBatch[SeqT]:
         """The next step's work within both limits, each sequence once (status RUNNING) with ``n`` new
-        tokens, ``1 <= n <=`` its uncomputed ones (all of them without chunked prefill). Empty only when
-        nothing waits or runs, or the pool cannot hold a single sequence."""
+        tokens, ``1 <= n <=`` its uncomputed ones (all of them without chunked prefill) plus its
+        ``num_lookahead`` draft tokens (a speculating sequence: what the step verifies of them; a scheduler
+        may always leave them out). Empty only when nothing waits or runs, or the pool cannot hold a
+        single sequence."""
         ...
 
     def finish(self, seq: SeqT) -> None:

@@ -3,6 +3,9 @@ KV is stale. The cache itself (radix tree, pool holders, eviction) is :mod:`dsv4
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from loguru import logger
 
@@ -17,6 +20,16 @@ __all__ = ["SequenceCache"]
 MIN_CHECKPOINT = 16
 
 RoutingLog = list[tuple[RoutingTrace, int, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Saved:
+    """What a checkpoint keeps beside its KV: the routing records of its tokens (with ``record_routing``)
+    and the main model's streams at its last token (when speculating: a sequence resuming there writes
+    its MTP row at that token, which depends on the token after it)."""
+
+    routing: RoutingLog | None
+    frontier: torch.Tensor | None
 
 
 class SequenceCache:
@@ -60,25 +73,32 @@ class SequenceCache:
         limit = seq.num_tokens - 1
         ckpt = self.cache.resume(seq.seq_id, seq.tokens(0, limit), limit)
         if ckpt is not None:
+            saved: _Saved = ckpt.payload
             seq.num_computed = ckpt.depth
-            if self.record_routing:
-                seq.routing_log = list(ckpt.payload)
+            if self.record_routing and saved.routing is not None:
+                seq.routing_log = list(saved.routing)
+            # Its MTP row at the last cached token is written again, with this sequence's next token.
+            seq.frontier = saved.frontier
+            seq.mtp_computed = ckpt.depth - (saved.frontier is not None)
 
-    def checkpoint(self, seq: Sequence, at: int) -> None:
-        """Checkpoint ``seq`` after its first ``at`` tokens (it holds every row they leave to read)."""
-        payload = _routing_prefix(seq.routing_log, at) if self.record_routing else None
-        self.cache.insert(seq.seq_id, seq.tokens(0, at), payload)
+    def checkpoint(self, seq: Sequence, at: int, frontier: torch.Tensor | None = None) -> None:
+        """Checkpoint ``seq`` after its first ``at`` tokens (it holds every row they leave to read);
+        ``frontier``: the main model's streams at token ``at - 1``, if the engine speculates."""
+        routing = _routing_prefix(seq.routing_log, at) if self.record_routing else None
+        self.cache.insert(seq.seq_id, seq.tokens(0, at), _Saved(routing, frontier))
 
-    def step_computed(self, seq: Sequence, start: int, stop: int) -> None:
+    def step_computed(self, seq: Sequence, start: int, stop: int,
+                      frontier: Callable[[int], torch.Tensor | None] = lambda at: None) -> None:
         """Checkpoints due in a step that computed tokens ``start:stop`` of ``seq``: at every multiple of
         the interval and at the prompt's last token. The sequence still holds the rows of every point in
-        ``(start, stop]``: the pool releases only what ``start`` tokens leave behind until the step ends."""
+        ``(start, stop]``: the pool releases only what ``start`` tokens leave behind until the step ends.
+        ``frontier(at)``: the streams at token ``at - 1`` (see :meth:`checkpoint`)."""
         points = list(range((start // self.interval + 1) * self.interval, stop + 1, self.interval))
         prompt_end = len(seq.prompt_ids) - 1
         if start < prompt_end <= stop and prompt_end not in points:
             points.append(prompt_end)
         for at in sorted(points):
-            self.checkpoint(seq, at)
+            self.checkpoint(seq, at, frontier(at))
 
     def check_weights(self) -> None:
         """Cached KV was computed by the weights the engine had: drop it once they change."""

@@ -75,6 +75,14 @@ class EngineConfig(RunConfigModel):
     # Room in the pools of window and open-block rows for this many checkpoints besides what the
     # running sequences need (compressed entries are shared with the requests they came from).
     window_checkpoints: int = Field(default=64, ge=0)
+    # Speculative decoding: "mtp" drafts num_speculative_tokens tokens per step with the checkpoint's
+    # MTP block (applied recursively) and verifies them in the next step's forward, inside continuous
+    # batching. Exact: greedy requests get the tokens plain decoding gives, sampled ones the same
+    # distribution (rejection sampling). Steps with more than speculative_max_batch sequences sampling
+    # a token decode plainly (verifying then costs more than it saves; see benchmarks/bench_spec.py).
+    speculative: Literal["mtp"] | None = None
+    num_speculative_tokens: int = Field(default=3, ge=1, le=16)
+    speculative_max_batch: int = Field(default=8, ge=0)
     # Keep large CPU tensors in glibc's heap (process-wide; dsv4.core.runtime): ~1.5x faster long
     # prefills, but ~10 % slower small-tensor RL training, so off unless asked (dsv4 serve/batch do).
     tune_allocator: bool = False

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Iterator, Sequence as Seq
+from collections.abc import Callable, Iterator, Sequence as Seq
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from dsv4.engine.outputs import RequestOutput
 from dsv4.engine.request import Request, Sequence, SequenceStatus
 from dsv4.engine.sampling import Sampler, SamplingParams, SequenceSampling
 from dsv4.engine.sharing import PromptSharing
+from dsv4.engine.speculative import Drafter, accept
 from dsv4.engine.tokenizer import Tokenizer
 from dsv4.model import Transformer, load_model
 
@@ -107,8 +108,16 @@ class Engine:
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         self._request_ids = itertools.count()
+        self.drafter = (Drafter(self.model, self.pool, config.num_speculative_tokens)
+                        if config.speculative == "mtp" else None)
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0,
-                      "cache_lookup_tokens": 0, "cache_hit_tokens": 0}
+                      "cache_lookup_tokens": 0, "cache_hit_tokens": 0,
+                      "spec_steps": 0, "spec_draft_tokens": 0, "spec_accepted_tokens": 0}
+        # Speculative decoding: how often the draft at each position (1 … k) stood, out of how often
+        # it was verified.
+        self.spec_position_accepted = [0] * config.num_speculative_tokens
+        self.spec_position_verified = [0] * config.num_speculative_tokens
+        self._retiring: list[Sequence] = []  # ended this step; their pages go back once it is over
         self._expert_load: dict[int, torch.Tensor] = {}  # MoE layer -> tokens routed to each expert
 
     # ------------------------------------------------------------------------------------------
@@ -251,6 +260,19 @@ class Engine:
                                       "inserted": float(cache.stats.inserted), "evictions": float(cache.stats.evictions)}
         return stats
 
+    def spec_stats(self) -> dict[str, Any]:
+        """Speculative decoding since start: verifying steps (one per speculating sequence and step),
+        drafts verified and accepted, the accept length (tokens per verifying step: accepted drafts + the
+        one sampled), and per draft position how often it was verified and how often it stood."""
+        steps, drafted, accepted = (self.stats[k] for k in ("spec_steps", "spec_draft_tokens", "spec_accepted_tokens"))
+        verified = self.spec_position_verified
+        return {"enabled": self.drafter is not None, "steps": steps, "draft_tokens": drafted,
+                "accepted_tokens": accepted, "accept_length": (accepted + steps) / steps if steps else 0.0,
+                "acceptance_rate": accepted / drafted if drafted else 0.0,
+                "position_verified": list(verified), "position_accepted": list(self.spec_position_accepted),
+                "position_acceptance": [a / v if v else 0.0
+                                        for a, v in zip(self.spec_position_accepted, verified, strict=True)]}
+
     def expert_load(self) -> dict[int, list[int]]:
         """Tokens routed to each expert of every MoE layer the engine runs, since it started:
         what expert-parallel placement is decided from."""
@@ -270,19 +292,25 @@ class Engine:
         self.stats["preemptions"] += len(plan.preempted)
         for seq in plan.preempted:
             seq.request.metrics.num_preemptions += 1
+            seq.draft_ids, seq.mtp_computed, seq.frontier = [], 0, None
         if not plan.items:
             if self.scheduler.has_work():
                 raise RuntimeError("the scheduler made no progress: the KV pool cannot hold a single sequence")
             return []
         now = time.monotonic()
-        chunks, prefixes, rids, sample = [], [], [], []
+        chunks, prefixes, rids, sample, sample_rows = [], [], [], [], []
+        drafts: list[list[int]] = []  # per item: the drafts this step verifies after its last token
         for i, (seq, n) in enumerate(plan.items):
             start = seq.num_computed
-            chunks.append(seq.tokens(start, start + n))
+            verify = seq.draft_ids[: max(0, n - (seq.num_tokens - start))]
+            seq.draft_ids = []  # verified now or never: a speculating sequence drafts anew after each step
+            chunks.append(seq.tokens(start, start + n - len(verify)) + verify)
+            drafts.append(verify)
             prefixes.append(start)
             rids.append(seq.seq_id)
-            if start + n == seq.num_tokens:
+            if start + n - len(verify) == seq.num_tokens:
                 sample.append(i)
+                sample_rows.append(1 + len(verify))
             if seq.request.metrics.first_scheduled is None:
                 seq.request.metrics.first_scheduled = now
                 seq.request.metrics.cached_tokens = start
@@ -290,7 +318,8 @@ class Engine:
                     self.stats["cache_lookup_tokens"] += len(seq.prompt_ids)
                     self.stats["cache_hit_tokens"] += start
         device = self.model.embed.weight.device
-        batch = ForwardBatch.from_requests(chunks, prefixes, rids=rids, sample=sample, device=device)
+        batch = ForwardBatch.from_requests(chunks, prefixes, rids=rids, sample=sample, sample_rows=sample_rows,
+                                           device=device)
         trace = RoutingTrace() if self.config.record_routing else None
         out = self.model.run(batch, self.pool, routing=trace)
         logits = out.logits.float()
@@ -298,28 +327,48 @@ class Engine:
             held = self._expert_load.get(layer)
             self._expert_load[layer] = counts if held is None else held + counts
         self.stats["steps"] += 1
-        starts = batch.starts_host
-        for i, (seq, n) in enumerate(plan.items):
-            if trace is not None:
-                _keep_routing(seq, trace, starts[i], n)
-            seq.num_computed += n
+        step = _Step(plan.items, batch.starts_host, out.hidden, drafts)
+        if trace is not None:
+            step.routing = trace
+        step.advance()  # every row but the drafts' stands
+        for i, (seq, _) in enumerate(plan.items):
             if seq.num_computed <= len(seq.prompt_ids):
-                self.stats["prompt_tokens"] += n
-            if self.cache is not None:
-                self.cache.step_computed(seq, seq.num_computed - n, seq.num_computed)
+                self.stats["prompt_tokens"] += step.computed[i]
+        plain = [k for k, i in enumerate(sample) if not drafts[i]]
+        spec = [k for k, i in enumerate(sample) if drafts[i]]
+        speculating = self.drafter is not None and len(sample) <= self.config.speculative_max_batch
+        if self.drafter is not None:
+            step.keep_frontiers()
+        if speculating:  # the MTP rows of positions whose next token is known already (prompt chunks)
+            self._extend_mtp(step, before_sampling=True)
+        self._checkpoint(step, [i for i in range(len(plan.items)) if not drafts[i]])
         touched: dict[str, Request] = {}
         # common starts hand out their cache; samples of a prompt just computed get theirs
-        sampled, logits, forked = self.sharing.after_step([plan.items[i][0] for i in sample], logits)
+        rows = list(itertools.accumulate(sample_rows, initial=0))
+        sampled, plain_logits, forked = self.sharing.after_step(
+            [plan.items[sample[k]][0] for k in plain], logits if not spec else logits[[rows[k + 1] - 1 for k in plain]])
+        exact = self.model.invariant and self.config.return_token_logprobs
         if sampled:
-            result = self.sampler.sample(logits, [s.sampling for s in sampled])
-            if self.model.invariant and self.config.return_token_logprobs:
-                # the trainer's own function, so true on-policy logprobs match it bit for bit
-                chosen = token_logprobs(logits, torch.tensor(result.tokens, device=logits.device), True)
-                result.chosen_logprob = chosen.tolist()
-            now = time.monotonic()
+            result = self.sampler.sample(plain_logits, [s.sampling for s in sampled])
+            if exact:  # the trainer's own function, so true on-policy logprobs match it bit for bit
+                tokens = torch.tensor(result.tokens, device=plain_logits.device)
+                result.chosen_logprob = token_logprobs(plain_logits, tokens, True).tolist()
             for k, seq in enumerate(sampled):
                 self._append(seq, result.tokens[k], result.logprobs[k], result.chosen_logprob[k], now)
                 touched[seq.request.request_id] = seq.request
+        if spec:
+            picked = torch.cat([torch.arange(rows[k], rows[k + 1]) for k in spec]).to(logits.device)
+            self._verify([sample[k] for k in spec], logits[picked], step, touched, now, exact)
+            if self.drafter is not None:
+                step.keep_frontiers()
+        if speculating:  # the rows of the tokens just sampled or accepted, then the next step's drafts
+            self._extend_mtp(step, before_sampling=False, extra=forked)
+        self._checkpoint(step, [i for i in range(len(plan.items)) if drafts[i]])
+        for seq in self._retiring:  # ended this step: checkpointed with every row written, then released
+            if self.cache is not None:
+                self.cache.checkpoint(seq, seq.num_computed, seq.frontier)  # the next turn starts with these
+            self.scheduler.finish(seq)
+        self._retiring.clear()
         for seq in itertools.chain((s for s, _ in plan.items), forked):
             if not seq.finished:
                 self.pool.release(seq.seq_id, seq.num_computed)  # recycle what the window left behind
@@ -330,6 +379,69 @@ class Engine:
                 self.requests.pop(req.request_id, None)
             outputs.append(req.output())
         return outputs
+
+    def _checkpoint(self, step: _Step, items: list[int]) -> None:
+        """Prefix-cache checkpoints due in the rows of ``items`` that stand, with the MTP rows before them
+        written; the routing records of those rows."""
+        for i in items:
+            seq = step.items[i][0]
+            if step.routing is not None:
+                _keep_routing(seq, step.routing, step.starts[i], step.computed[i], fresh=step.first[i] == 0)
+            if self.cache is not None and not seq.finished:
+                self.cache.step_computed(seq, step.first[i], seq.num_computed,
+                                         step.frontier_of(i) if self.drafter is not None else _no_frontier)
+
+    def _verify(self, items: list[int], logits: torch.Tensor, step: _Step, touched: dict[str, Request],
+                now: float, exact: bool) -> None:
+        """Judge the drafts of the step's speculating ``items`` on their rows of ``logits`` and append what
+        stands; the rows of rejected drafts stay behind ``num_computed`` (written again later)."""
+        seqs = [step.items[i][0] for i in items]
+
+        def append(seq: Sequence, token: int, logprobs: Any, chosen: float) -> bool:
+            self._append(seq, token, logprobs, chosen, now)
+            return seq.finish_reason is None
+
+        stood = accept(self.sampler, logits, seqs, [step.drafts[i] for i in items], append, exact_logprobs=exact)
+        for i, seq, a in zip(items, seqs, stood, strict=True):
+            seq.num_computed += a
+            step.computed[i] += a
+            k = len(step.drafts[i])
+            metrics = seq.request.metrics
+            metrics.spec_steps += 1
+            metrics.spec_draft_tokens += k
+            metrics.spec_accepted_tokens += a
+            self.stats["spec_steps"] += 1
+            self.stats["spec_draft_tokens"] += k
+            self.stats["spec_accepted_tokens"] += a
+            for j in range(k):
+                self.spec_position_verified[j] += 1
+                self.spec_position_accepted[j] += j < a
+            touched[seq.request.request_id] = seq.request
+
+    def _extend_mtp(self, step: _Step, *, before_sampling: bool, extra: Seq[Sequence] = ()) -> None:
+        """Write the MTP block's rows of every position whose next token is known (before sampling: the
+        prompt's; after: the tokens just sampled or accepted too), then, after sampling, draft the next
+        step's tokens for each sequence whose rows reach its last computed position."""
+        assert self.drafter is not None
+        work = []
+        for i, (seq, _) in enumerate(step.items):
+            upto = min(seq.num_computed, seq.num_tokens - 1)
+            if seq.finished:  # a common start that handed out its cache
+                continue
+            rows = step.hidden_for(i, seq.mtp_computed, upto)
+            if rows is not None:
+                work.append((seq, rows[0], upto, rows[1]))
+        for seq in extra:  # samples given a prompt's cache this step: its last row is theirs to write
+            if seq.frontier is not None and seq.mtp_computed == seq.num_computed - 1 < seq.num_tokens - 1:
+                work.append((seq, seq.mtp_computed, seq.num_computed, seq.frontier[None]))
+        done = self.drafter.extend(work)
+        if before_sampling or done is None:
+            return
+        seqs, logits, streams = done
+        keep = [j for j, seq in enumerate(seqs)
+                if seq.finish_reason is None and seq.mtp_computed == seq.num_computed and _may_speculate(seq)]
+        if keep:
+            self.drafter.draft([seqs[j] for j in keep], logits[keep], streams[keep])
 
     def _append(self, seq: Sequence, token: int, logprobs: Any, chosen: float, now: float) -> None:
         params = seq.request.params
@@ -378,9 +490,8 @@ class Engine:
             else:
                 seq.text += tail
         seq.finish_reason, seq.stop_reason = reason, stop_reason
-        if self.cache is not None:
-            self.cache.checkpoint(seq, seq.num_computed)  # the next turn of a conversation starts with these
-        self.scheduler.finish(seq)
+        seq.draft_ids = []
+        self._retiring.append(seq)  # the step's MTP rows are written before it is checkpointed and released
 
     # ------------------------------------------------------------------------------------------
     def iter_generate(
@@ -421,6 +532,54 @@ class Engine:
         return [r for r in results if r is not None]
 
 
+class _Step:
+    """Bookkeeping of one engine step: where each scheduled sequence's rows sit in the forward, how many
+    of them stand (drafts that were rejected do not), and the main model's streams of every row."""
+
+    def __init__(self, items: Seq[tuple[Sequence, int]], starts: Seq[int], hidden: torch.Tensor,
+                 drafts: list[list[int]]) -> None:
+        self.items, self.starts, self.hidden, self.drafts = items, starts, hidden, drafts
+        self.first = [seq.num_computed for seq, _ in items]  # each one's first position in the step
+        self.frontier_before = [seq.frontier for seq, _ in items]  # the streams at first - 1
+        self.computed = [0] * len(items)  # rows that stand
+        self.routing: RoutingTrace | None = None  # the step's expert / indexer record, when kept
+
+    def advance(self) -> None:
+        """Every row but the drafts' stands (until the drafts are judged)."""
+        for i, (seq, n) in enumerate(self.items):
+            self.computed[i] = n - len(self.drafts[i])
+            seq.num_computed += self.computed[i]
+
+    def hidden_for(self, i: int, first: int, stop: int) -> tuple[int, torch.Tensor] | None:
+        """The main model's streams at positions ``first:stop`` of item ``i``: this step's rows, and the
+        sequence's frontier for the position before them. A range reaching further back starts at what
+        is known (speculation was paused, or no streams were kept: the MTP rows before stay as they
+        are). ``(first, [stop - first, n, D])``, or ``None`` when nothing is left."""
+        lo = self.first[i]
+        before = self.frontier_before[i]
+        if first < lo - 1 or (first == lo - 1 and before is None):
+            first = lo
+        if stop <= first:
+            return None
+        rows = self.hidden[self.starts[i] + max(first, lo) - lo : self.starts[i] + stop - lo]
+        return first, torch.cat((before[None], rows)) if first == lo - 1 and before is not None else rows
+
+    def frontier_of(self, i: int) -> Callable[[int], torch.Tensor | None]:
+        """``at -> `` the streams at position ``at - 1`` of item ``i`` (a checkpoint at ``at`` tokens)."""
+        return lambda at: self.hidden[self.starts[i] + at - 1 - self.first[i]].clone()
+
+    def keep_frontiers(self) -> None:
+        """Each sequence keeps the streams at its last computed position."""
+        for i, (seq, _) in enumerate(self.items):
+            if self.computed[i]:
+                seq.frontier = self.hidden[self.starts[i] + self.computed[i] - 1].clone()
+
+
+def _may_speculate(seq: Sequence) -> bool:
+    """Whether the MTP block drafts for ``seq`` (not for grammar-constrained sequences)."""
+    return getattr(seq, "grammar", None) is None
+
+
 def _per_prompt(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:
     if params is None or isinstance(params, SamplingParams):
         return [params or SamplingParams()] * n
@@ -430,8 +589,13 @@ def _per_prompt(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> 
     return plist
 
 
-def _keep_routing(seq: Sequence, trace: RoutingTrace, start: int, n: int) -> None:
-    """Note that the step's expert / indexer picks of rows ``start : start + n`` are the sequence's next."""
-    if seq.num_computed == 0:  # (re)computed from scratch: earlier records are stale
+def _no_frontier(at: int) -> None:
+    return None
+
+
+def _keep_routing(seq: Sequence, trace: RoutingTrace, start: int, n: int, *, fresh: bool) -> None:
+    """Note that the step's expert / indexer picks of rows ``start : start + n`` are the sequence's next;
+    ``fresh``: its first (the sequence is computed from scratch: earlier records are stale)."""
+    if fresh:
         seq.routing_log.clear()
     seq.routing_log.append((trace, start, n))

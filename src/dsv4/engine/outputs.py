@@ -59,6 +59,16 @@ class RequestMetrics:
     finished: float | None = None
     num_preemptions: int = 0
     cached_tokens: int = 0  # prompt tokens its first sequence resumed from the prefix cache
+    # Speculative decoding, over the request's sequences: steps that verified drafts, drafts verified,
+    # drafts accepted.
+    spec_steps: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+
+    @property
+    def spec_accept_length(self) -> float | None:
+        """Tokens per verifying step (accepted drafts + the one the target samples); None: none ran."""
+        return (self.spec_accepted_tokens + self.spec_steps) / self.spec_steps if self.spec_steps else None
 
 
 @dataclass(slots=True)

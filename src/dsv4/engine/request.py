@@ -40,6 +40,17 @@ class Sequence:
     # and the rows (start, count) that are this sequence's, in order; cut out once, when it finishes
     routing_log: list[tuple[RoutingTrace, int, int]] = field(default_factory=list)
     text: str = ""  # streamed-safe text so far (no partial UTF-8, no half stop string)
+    # Speculative decoding (dsv4.engine.speculative): tokens the MTP block drafted after the last one,
+    # which the next step verifies; positions whose MTP window row is written; the main model's streams
+    # [n, D] at position num_computed - 1 (the MTP row there needs them once the next token is known).
+    draft_ids: list[int] = field(default_factory=list)
+    mtp_computed: int = 0
+    frontier: torch.Tensor | None = None
+
+    @property
+    def num_lookahead(self) -> int:
+        """Draft tokens after :attr:`num_tokens` that the next step may verify along with them."""
+        return len(self.draft_ids)
 
     @property
     def request_id(self) -> str:

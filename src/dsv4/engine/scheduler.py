@@ -16,7 +16,7 @@ class FCFSScheduler(Generic[SeqT]):
     """First come, first served; running sequences before waiting ones; every step fits a token budget.
 
     A step takes each running sequence's next tokens (1 when decoding, a chunk when its prefill did
-    not fit earlier), then admits waiting sequences in arrival order while the budget, the sequence
+    not fit earlier; a speculating sequence's drafts too, while the budget and the pool allow), then admits waiting sequences in arrival order while the budget, the sequence
     limit and the KV pool allow. A prefill may be cut anywhere (``chunked_prefill``). When the pool runs
     out of pages for a running sequence, the most recently arrived running sequence is preempted: its
     pages are freed and it waits to be recomputed from scratch, which gives the same tokens.
@@ -108,8 +108,13 @@ class FCFSScheduler(Generic[SeqT]):
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if self._reserve(seq, n):
+            todo = seq.num_tokens - seq.num_computed
+            n = min(todo + seq.num_lookahead, budget)
+            fits = self._reserve(seq, n)
+            if not fits and n > todo:  # drafts are optional: verify none rather than preempt
+                n = min(todo, budget)
+                fits = self._reserve(seq, n)
+            if fits:
                 out.items.append((seq, n))
                 budget -= n
                 i += 1

@@ -116,7 +116,7 @@ class PromptSharing:
         _, reqs = self.starts.pop(holder.seq_id)
         self._copy_cache(holder, [r.seqs[0] for r in reqs if not r.aborted])
         if self.cache is not None:
-            self.cache.checkpoint(holder, holder.num_computed)
+            self.cache.checkpoint(holder, holder.num_computed, holder.frontier)
         self.scheduler.finish(holder)
 
     def _copy_cache(self, src: Sequence, targets: list[Sequence]) -> list[Sequence]:
@@ -150,6 +150,8 @@ class PromptSharing:
                 pool.release(seq.seq_id)
                 scheduler.add(seq)
                 continue
+            # its MTP row at the last shared token waits for its own next token (speculative decoding)
+            seq.mtp_computed, seq.frontier = min(src.mtp_computed, src.num_computed - 1), src.frontier
             seq.routing_log = list(src.routing_log)
             running.append(seq)
         return running

@@ -89,15 +89,17 @@ class MTPBlock(Block):
         next_ids: torch.Tensor,
         ctx: StepContext,
         executor: ExpertExecutor,
-    ) -> torch.Tensor:
-        """Main-model streams ``h [T, n, D]`` and ``embed(next_ids) [T, D]`` -> normed output ``[T, D]``."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Main-model streams ``h [T, n, D]`` and ``embed(next_ids) [T, D]`` -> the normed output ``[T, D]``
+        the head reads, and the block's own streams ``[T, n, D]`` (what a recursive draft feeds back as
+        ``h`` one position further on)."""
         k = ctx.kernels
         x = self.h_proj(self.hnorm(h, k), k) + self.e_proj(self.enorm(next_embed, k), k).unsqueeze(1)
         x = Block.forward(self, x, next_ids, ctx, executor)
         y = k.hc_head(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, rms_eps=self.rms_eps,
                       hc_eps=self.hc_eps)
         out: torch.Tensor = self.norm(y, k)
-        return out
+        return out, x
 
 
 @dataclass(slots=True)
@@ -218,12 +220,26 @@ class Transformer(nn.Module):
             next_embed = self.embed(mtp_ids)
             for block in self.mtp:
                 assert isinstance(block, MTPBlock)
-                y = block.predict(h, next_embed, mtp_ids, ctx, self.expert_executor)
+                y, _ = block.predict(h, next_embed, mtp_ids, ctx, self.expert_executor)
                 mtp_logits.append(self.head(y if batch.sample_index is None else y[batch.sample_index], k))
         aux = {name: torch.stack(v).mean() for name, v in (ctx.aux or {}).items()}
         if ctx.balance:
             aux["seq_balance"] = torch.stack(ctx.balance).mean()
         return ModelOutput(logits=logits, hidden=h, mtp_logits=mtp_logits, aux_losses=aux,
+                           expert_load=ctx.expert_load)
+
+    def run_mtp(self, batch: ForwardBatch, hidden: torch.Tensor, pool: KVPool | None = None) -> ModelOutput:
+        """The first MTP block alone (speculative drafts): row ``i`` holds streams ``hidden[i] [n, D]`` at
+        position ``batch.positions[i]`` (the main model's there, or the block's own one position back)
+        and ``batch.input_ids[i]``, the token after that position. With ``pool`` the block's window rows
+        at those positions are written. ``logits`` (sampled rows) predict the token after the input;
+        ``hidden`` is the block's streams, to feed back for the next draft."""
+        block = self.mtp[0]
+        assert isinstance(block, MTPBlock)
+        ctx = self.step_context(batch, pool)
+        y, streams = block.predict(hidden, self.embed(batch.input_ids), batch.input_ids, ctx, self.expert_executor)
+        rows = y if batch.sample_index is None else y[batch.sample_index]
+        return ModelOutput(logits=self.head(rows, ctx.kernels), hidden=streams, mtp_logits=[], aux_losses={},
                            expert_load=ctx.expert_load)
 
     def step_context(self, batch: ForwardBatch, pool: KVPool | None = None) -> StepContext:

@@ -335,6 +335,7 @@ def _engine_snapshot(engine: Engine) -> dict[str, Any]:
                   for s in engine.pool.streams},
         "prefix_cache": kv["prefix_cache"],
         "expert_load": engine.expert_load(),
+        "spec": engine.spec_stats(),
     }
 
 

@@ -241,9 +241,12 @@ def _record(line: _Line, result: RequestOutput) -> dict[str, Any]:
     n_prompt = len(result.prompt_token_ids)
     n_out = sum(len(c.token_ids) for c in result.outputs)
     cached = result.metrics.cached_tokens if result.metrics is not None else 0
-    return record | {"num_prompt_tokens": n_prompt, "outputs": completions,
-                     "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out,
-                               "prompt_tokens_details": {"cached_tokens": cached}}}
+    usage: dict[str, Any] = {"prompt_tokens": n_prompt, "completion_tokens": n_out,
+                             "prompt_tokens_details": {"cached_tokens": cached}}
+    accept = result.metrics.spec_accept_length if result.metrics is not None else None
+    if accept is not None:
+        usage["spec_accept_length"] = accept
+    return record | {"num_prompt_tokens": n_prompt, "outputs": completions, "usage": usage}
 
 
 def _dumps(record: Mapping[str, Any]) -> bytes:

@@ -49,6 +49,21 @@ class ServerMetrics:
         self.routed_tokens = Counter("dsv4_moe_routed_tokens", "Tokens routed to each expert of each MoE layer",
                                      ["layer", "expert"], registry=r)
         self._routed_seen: dict[tuple[int, int], int] = {}
+        # speculative decoding
+        self.spec_counters = {
+            key: Counter(f"dsv4_spec_{key}", text, registry=r)
+            for key, text in (("steps", "Verifying steps (a speculating sequence in a step)"),
+                              ("draft_tokens", "Draft tokens verified"),
+                              ("accepted_tokens", "Draft tokens accepted"))
+        }
+        self.spec_accept_length = Gauge("dsv4_spec_accept_length", "Tokens per verifying step since start "
+                                        "(accepted drafts + the sampled one)", registry=r)
+        self.spec_position = Counter("dsv4_spec_position_drafts", "Drafts at each position (1 = first after "
+                                     "the last token), verified and accepted", ["position", "outcome"], registry=r)
+        self.spec_request_accept_length = Histogram(
+            "dsv4_spec_request_accept_length", "Accept length of each finished speculating request",
+            buckets=(1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0), registry=r)
+        self._spec_seen: dict[str, float] = {}
 
     def update_engine(self, snapshot: Mapping[str, object]) -> None:
         """Set the gauges from an engine snapshot (see ``dsv4.serve.app``)."""
@@ -77,6 +92,23 @@ class ServerMetrics:
                 new = total - self._routed_seen.get((layer, expert), 0)
                 self.routed_tokens.labels(str(layer), str(expert)).inc(max(new, 0))
                 self._routed_seen[layer, expert] = max(total, self._routed_seen.get((layer, expert), 0))
+
+        spec = snapshot.get("spec", {})
+        assert isinstance(spec, dict)
+        if spec.get("enabled"):
+            self.spec_accept_length.set(spec["accept_length"])
+            for key, counter in self.spec_counters.items():
+                counter.inc(self._spec_increment(key, spec[key]))
+            for outcome in ("verified", "accepted"):
+                for j, total in enumerate(spec[f"position_{outcome}"]):
+                    new = self._spec_increment(f"{outcome}/{j + 1}", total)
+                    self.spec_position.labels(str(j + 1), outcome).inc(new)
+
+    def _spec_increment(self, key: str, total: float) -> float:
+        """An engine total since start -> the increment since the last snapshot."""
+        seen = self._spec_seen.get(key, 0.0)
+        self._spec_seen[key] = max(float(total), seen)
+        return max(float(total) - seen, 0.0)
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""
@@ -107,7 +139,9 @@ class RequestTimer:
         self.last, self.tokens = now, total
         self.metrics.generation_tokens.inc(new)
 
-    def done(self, prompt_tokens: int) -> None:
-        """The request finished."""
+    def done(self, prompt_tokens: int, spec_accept_length: float | None = None) -> None:
+        """The request finished (``spec_accept_length``: its accept length, if it speculated)."""
         self.metrics.e2e.observe(time.monotonic() - self.start)
         self.metrics.prompt_tokens.inc(prompt_tokens)
+        if spec_accept_length is not None:
+            self.metrics.spec_request_accept_length.observe(spec_accept_length)

@@ -44,7 +44,8 @@ async def generate(
                 timer.tokens_out(sum(len(c.token_ids) for c in out.outputs))
                 if out.finished:
                     finished = True
-                    timer.done(len(out.prompt_token_ids))
+                    timer.done(len(out.prompt_token_ids),
+                               out.metrics.spec_accept_length if out.metrics is not None else None)
                 yield out
     except QueueFullError as e:
         refused = True

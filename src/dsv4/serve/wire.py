@@ -19,17 +19,25 @@ class Usage:
         self.prompt: dict[int, int] = {}
         self.cached: dict[int, int] = {}
         self.completion: dict[int, int] = {}
+        self.spec: dict[int, tuple[int, int]] = {}  # verifying steps, accepted drafts
 
     def update(self, k: int, out: RequestOutput) -> None:
         self.prompt[k] = len(out.prompt_token_ids) * max(1, len(out.outputs))
         self.cached[k] = out.metrics.cached_tokens if out.metrics is not None else 0
         self.completion[k] = sum(len(c.token_ids) for c in out.outputs)
+        if out.metrics is not None and out.metrics.spec_steps:
+            self.spec[k] = (out.metrics.spec_steps, out.metrics.spec_accepted_tokens)
 
     def body(self) -> dict[str, Any]:
-        """OpenAI's ``usage``; ``prompt_tokens_details.cached_tokens``: prompt tokens served by the prefix cache."""
+        """OpenAI's ``usage``; ``prompt_tokens_details.cached_tokens``: prompt tokens served by the prefix cache;
+        with speculative decoding, ``spec_accept_length``: tokens per verifying step (SGLang's name)."""
         p, c = sum(self.prompt.values()), sum(self.completion.values())
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-                "prompt_tokens_details": {"cached_tokens": sum(self.cached.values())}}
+        body: dict[str, Any] = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                                "prompt_tokens_details": {"cached_tokens": sum(self.cached.values())}}
+        if self.spec:
+            steps = sum(s for s, _ in self.spec.values())
+            body["spec_accept_length"] = (sum(a for _, a in self.spec.values()) + steps) / steps
+        return body
 
 
 def _token_text(engine: Engine, token: int) -> str:

@@ -416,6 +416,7 @@ class _Seq:
     generated: int = 0
     num_computed: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
+    num_lookahead: int = 0  # drafts after num_tokens (a speculating sequence)
 
     @property
     def num_tokens(self) -> int:
@@ -451,6 +452,7 @@ class _SchedulerRun:
             self.sched.resume = self._resume
         self.rng = rng
         self.resume_rng = random.Random(0)  # its own stream: the arrivals stay those of ``rng``
+        self.spec_rng = random.Random(1)  # drafts and how many of them stand
         self.live: dict[int, _Seq] = {}  # handed to the scheduler, not ended
         self.ended: dict[int, str] = {}  # seq_id -> "finished" or "aborted"
         self.pending: dict[int, list[_Seq]] = {}  # first sample's seq_id -> samples waiting for its prompt cache
@@ -486,15 +488,23 @@ class _SchedulerRun:
                     f"{at}: a waiting sequence holds no pages and has computed nothing, {seq.seq_id} does"
         if not plan.items:
             assert not self.live, f"{at}: progress: schedule() is empty while {len(self.live)} sequences wait"
+        for seq in plan.preempted:
+            seq.num_lookahead = 0  # the engine drops a preempted sequence's drafts
+        verified: dict[int, int] = {}
         for seq, n in plan.items:
-            seq.num_computed += n
+            verified[seq.seq_id] = max(0, n - (seq.num_tokens - seq.num_computed))
+            seq.num_computed += n - verified[seq.seq_id]
         sampled = [seq for seq, _ in plan.items if seq.num_computed == seq.num_tokens]
         adopted = []
         for seq in sampled:  # a first sample that just computed its prompt: the others get a copy
             if seq.num_computed == seq.prompt and seq.seq_id in self.pending:
                 adopted += self._copy(seq, self.pending.pop(seq.seq_id), at)
         for seq in sampled + adopted:
-            seq.generated += 1
+            # speculative decoding: some of the verified drafts stand (computed rows), then one sampled token
+            stood = min(self.spec_rng.randint(0, verified.get(seq.seq_id, 0)), seq.target - seq.generated - 1)
+            seq.num_computed += stood
+            seq.generated += 1 + stood
+            seq.num_lookahead = self.spec_rng.choice((0, 0, 1, 3))
             if seq.generated == seq.target:
                 self.sched.finish(seq)
                 self._ended(seq, "finished", at)
@@ -522,9 +532,10 @@ class _SchedulerRun:
             assert sid not in seen, f"{at}: each sequence once a step: {sid} twice"
             seen.add(sid)
             todo = seq.num_tokens - seq.num_computed
-            assert 1 <= n <= todo, f"{at}: 1 <= n <= uncomputed tokens: sequence {sid} runs {n} of {todo}"
+            assert 1 <= n <= todo + seq.num_lookahead, \
+                f"{at}: 1 <= n <= uncomputed tokens + drafts: sequence {sid} runs {n} of {todo} + {seq.num_lookahead}"
             if not self.cuts:
-                assert n == todo, f"{at}: no cut prefill without chunked prefill: sequence {sid} runs {n} of {todo}"
+                assert n >= todo, f"{at}: no cut prefill without chunked prefill: sequence {sid} runs {n} of {todo}"
             assert seq.status is SequenceStatus.RUNNING, f"{at}: a scheduled sequence is RUNNING, {sid} is {seq.status}"
             free = [self.pool.pages_free(s.name) for s in _STREAMS]
             try:  # a no-op when the scheduler reserved them
