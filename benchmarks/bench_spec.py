@@ -57,14 +57,14 @@ def train_spec_model(path: Path, steps: int, seed: int = 0) -> None:
     """SFT from scratch (LM loss + 0.3 · MTP loss) on generated records; saves a checkpoint to ``path``."""
     torch.manual_seed(seed)
     tok = write_byte_tokenizer(path, vocab_size=SPEC_CONFIG["vocab_size"])
-    model = random_model(ModelConfig(**SPEC_CONFIG), seed=seed)  # type: ignore[arg-type]
+    model = random_model(ModelConfig.tiny(**SPEC_CONFIG), seed=seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     rng = random.Random(seed)
     t0 = time.perf_counter()
     for step in range(steps):
         encoded = []
-        for _ in range(16):
+        for _ in range(8):
             prompt, answer = record_task(rng)
             p, a = tok.encode(prompt), tok.encode(answer, add_special_tokens=False) + [tok.eos_token_id or 1]
             encoded.append((p + a, len(p)))
@@ -83,7 +83,7 @@ def train_spec_model(path: Path, steps: int, seed: int = 0) -> None:
         (lm + 0.3 * mtp).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 50 == 0 or step == steps - 1:
+        if step % 10 == 0 or step == steps - 1:
             print(f"  train step {step:4d}: lm {lm.item():.3f}  mtp {mtp.item():.3f}  "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     model.eval()

@@ -22,10 +22,11 @@ from dsv4.core.device import to_device
 from dsv4.core.interfaces import Verifier, VerifySample
 from dsv4.engine.engine import Engine
 from dsv4.engine.sampling import SamplingParams
+from dsv4.engine.tokenizer import Tokenizer
 from dsv4.model import Transformer
 from dsv4.rl import algorithms
 from dsv4.rl.balance import ExpertBalancer
-from dsv4.rl.policy import CompletionBatch, clone_model, completion_logprobs, pad, sync_weights
+from dsv4.rl.policy import CompletionBatch, clone_model, completion_logprobs, completion_mtp_loss, pad, sync_weights
 from dsv4.rl.tasks import Problem
 
 __all__ = ["GRPOConfig", "GRPOTrainer", "Rollout"]
@@ -81,6 +82,10 @@ class GRPOConfig(BaseModel):
     # None: 0 (dsv4 train fills both from model.bias_update_speed / model.seq_balance_loss_coef).
     bias_update_speed: float | None = Field(default=None, ge=0)
     seq_balance_loss_coef: float | None = Field(default=None, ge=0)
+    # Weight of the MTP head's loss on the rollouts (dsv4.rl.policy.completion_mtp_loss; 0: off): keeps the
+    # MTP block's drafts in tune with the policy RL moves (speculative decoding's acceptance). Trains the
+    # block on the policy's streams without gradients into the policy; one more forward per micro-batch.
+    mtp_loss_coef: float = Field(default=0.0, ge=0)
 
 
 @dataclass(slots=True)
@@ -244,6 +249,10 @@ class GRPOTrainer:
                 balance = out.aux_losses["seq_balance"]
                 loss = loss + (cfg.seq_balance_loss_coef or 0.0) * balance
                 stats["seq_balance_loss"] = float(balance.detach())
+            if cfg.mtp_loss_coef > 0 and len(self.policy.mtp):
+                mtp = completion_mtp_loss(self.policy, batch)
+                loss = loss + cfg.mtp_loss_coef * mtp
+                stats["mtp_loss"] = float(mtp.detach())
             # The mini-batch's loss is this part's, weighted by its share of the normaliser.
             share = float(mask.sum()) / tokens if cfg.loss_norm == "token" else len(chunk) / len(rollouts)
             torch.autograd.backward(loss if len(parts) == 1 else loss * share)
@@ -325,6 +334,20 @@ class GRPOTrainer:
 
 def _mean(xs: Sequence[float]) -> float:
     return float(sum(xs) / len(xs)) if xs else 0.0
+
+
+def spec_accept_length(model: Transformer, tokenizer: Tokenizer, problems: Sequence[Problem],
+                       max_new_tokens: int) -> float | None:
+    """How many tokens a speculative step yields when ``model``'s MTP block drafts (k = 3) for greedy
+    completions of ``problems``: what RL has to keep from falling (``grpo.mtp_loss_coef``); ``None``
+    without an MTP block."""
+    if not len(model.mtp):
+        return None
+    engine = Engine(clone_model(model), tokenizer=tokenizer, speculative="mtp", speculative_max_batch=len(problems),
+                    max_num_seqs=len(problems), prefix_cache=False)
+    engine.generate([tokenizer.encode(p.prompt) for p in problems],
+                    SamplingParams(temperature=0, max_tokens=max_new_tokens))
+    return float(engine.spec_stats()["accept_length"])
 
 
 def greedy_accuracy(engine: Engine, verifier: Verifier, problems: Sequence[Problem], max_new_tokens: int) -> float:

@@ -13,6 +13,7 @@ from dsv4.core.batch import ForwardBatch, common_prefix
 from dsv4.core.interfaces import RoutingTrace
 from dsv4.core.numerics import token_logprobs
 from dsv4.engine.outputs import Routing
+from dsv4.rl import algorithms
 from dsv4.model import Transformer
 from dsv4.model.transformer import ModelOutput
 
@@ -153,6 +154,28 @@ def completion_logprobs(
                            device=device)
     lp = token_logprobs(logits, targets, model.invariant)
     return list(torch.split(lp, [len(rows) for rows in layout.rows])), out
+
+
+def completion_mtp_loss(model: Transformer, batch: CompletionBatch) -> torch.Tensor:
+    """The MTP head's loss on the completion tokens of ``batch`` (its next-next-token cross entropy, as
+    SFT trains it), on the main model's streams computed without gradients: training the policy with
+    RL moves the streams the MTP block drafts from, and this keeps the block in tune with them (its
+    drafts' acceptance) without the MTP objective pulling on the policy itself. One extra forward
+    of the main model, with every sequence whole (a parent's last row would need one next token per
+    child)."""
+    device = model.embed.weight.device
+    seqs = [seq[:-1] for seq in batch.sequences]  # rows with a next token
+    with torch.no_grad():
+        hidden = model.run(ForwardBatch.from_requests(seqs, sample="all", device=device)).hidden
+    nxt = ForwardBatch.from_requests([seq[1:] for seq in batch.sequences], sample="all", device=device)
+    logits = model.run_mtp(nxt, hidden).logits  # row j of a sequence predicts its token j + 2
+    # as SFT trains it: rows from the prompt's last on (row prompt_len - 2 predicts the first completion
+    # token, which the main model samples: a draft never comes from there)
+    targets = torch.tensor([t for seq in batch.sequences for t in [*seq[2:], -1]], device=device)
+    mask = torch.zeros(targets.shape[0], dtype=torch.bool)
+    for start, seq, p in zip(nxt.starts_host, batch.sequences, batch.prompt_lens, strict=True):
+        mask[start + p - 1 : start + len(seq) - 2] = True
+    return algorithms.sft_loss(logits, targets, mask.to(device))
 
 
 def weights_checksum(model: torch.nn.Module) -> str:

@@ -29,7 +29,7 @@ from dsv4.engine.engine import Engine, EngineConfig
 from dsv4.engine.tokenizer import Tokenizer
 from dsv4.model import Transformer, build_model, load_model, save_model
 from dsv4.rl.dataset import DataConfig, Dataset, EpochSampler
-from dsv4.rl.grpo import GRPOConfig, GRPOTrainer, greedy_accuracy
+from dsv4.rl.grpo import GRPOConfig, GRPOTrainer, greedy_accuracy, spec_accept_length
 from dsv4.rl.monitor import MetricBands, MetricsLog, plot_curves, plot_expert_load, read_metrics, replace_atomically
 from dsv4.rl.policy import clone_model, sync_weights
 from dsv4.rl.sft import SFTConfig, SFTTrainer
@@ -202,7 +202,9 @@ def run_recipe(config: TrainConfig) -> dict[str, Any]:
         bar.close()
     _plot(out / "sft_metrics.jsonl", out / "sft_curves.png",
           ("loss", "lm_loss", "mtp_loss", "accuracy", "moe/load_max_over_mean", "moe/dead_expert_share"))
-    summary.update(sft_steps=step, sft_accuracy=acc, sft_in_band=lo <= acc <= hi)
+    summary.update(sft_steps=step, sft_accuracy=acc, sft_in_band=lo <= acc <= hi,
+                   sft_spec_accept_length=spec_accept_length(policy, tokenizer, task.eval_problems,
+                                                             task.max_new_tokens))
 
     # ---------------------------------------------------------------- GRPO with the verifier
     grpo_cfg = _with_balance(config.grpo, config).model_copy(update={"max_new_tokens": task.max_new_tokens})
@@ -233,7 +235,9 @@ def run_recipe(config: TrainConfig) -> dict[str, Any]:
     _plot(out / "grpo_metrics.jsonl", out / "grpo_curves.png",
           ("reward_mean", "accuracy", "heldout_accuracy", "rollout_vs_train_logprob_abs_diff_max",
            "moe/load_max_over_mean"))
-    summary.update(final_accuracy=evaluate(), grpo_steps=step, weights_checksum=grpo.checksum)
+    summary.update(final_accuracy=evaluate(), grpo_steps=step, weights_checksum=grpo.checksum,
+                   final_spec_accept_length=spec_accept_length(policy, tokenizer, task.eval_problems,
+                                                               task.max_new_tokens))
     summary.update(_imbalance(out))
     final = out / "final"
     save_model(policy, final)
