@@ -30,7 +30,10 @@ from dsv4.engine.tokenizer import Tokenizer
 if TYPE_CHECKING:
     import xgrammar as xgr
 
-__all__ = ["CACHE_SIZE", "MAX_WHITESPACE", "Grammars", "SequenceGrammar", "StructuredOutputs", "tokenizer_info"]
+__all__ = [
+    "CACHE_SIZE", "MAX_WHITESPACE", "Grammars", "SequenceGrammar", "StructuredOutputs", "as_format", "build_grammar",
+    "check_json_schema", "tokenizer_info",
+]
 
 CACHE_SIZE = 256  # compiled grammars kept (least recently used goes first)
 # Whitespace between JSON tokens: at most this many characters in a row. Pretty-printed JSON fits; a model stuck
@@ -135,14 +138,20 @@ _LOOSE_STRING_CHAR = r'[^\"\\\r\n]'
 _JSON_STRING_CHAR = r'[^\0-\x1f\"\\]'
 
 
-def _json_grammar(schema: str, *, strict: bool = True) -> xgr.Grammar:
+def _json_strings_fixed(grammar: xgr.Grammar) -> xgr.Grammar:
     import xgrammar as xgr
 
-    grammar = xgr.Grammar.from_json_schema(schema, strict_mode=strict, max_whitespace_cnt=MAX_WHITESPACE)
     ebnf = str(grammar)
     if _LOOSE_STRING_CHAR not in ebnf:
         return grammar
     return xgr.Grammar.from_ebnf(ebnf.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR))
+
+
+def _json_grammar(schema: str, *, strict: bool = True) -> xgr.Grammar:
+    import xgrammar as xgr
+
+    grammar = xgr.Grammar.from_json_schema(schema, strict_mode=strict, max_whitespace_cnt=MAX_WHITESPACE)
+    return _json_strings_fixed(grammar)
 
 
 def _choice_ebnf(choices: Sequence[str]) -> str:
@@ -150,15 +159,33 @@ def _choice_ebnf(choices: Sequence[str]) -> str:
     return "root ::= " + " | ".join(jsonlib.dumps(c, ensure_ascii=False) for c in choices)
 
 
-def build_grammar(spec: StructuredOutputs) -> xgr.Grammar:
-    """The xgrammar grammar of ``spec``; ``ValueError`` naming the field and the problem when it has none."""
+def as_format(spec: StructuredOutputs) -> dict[str, Any]:
+    """``spec`` as a format of an xgrammar structural tag (its JSON), to be composed into a larger one."""
+    kind, text = spec.key
+    if kind == "json":
+        return {"type": "json_schema", "json_schema": jsonlib.loads(text), "max_whitespace_cnt": MAX_WHITESPACE}
+    if kind == "json_object":
+        return {"type": "json_schema", "json_schema": {"type": "object", "additionalProperties": True},
+                "max_whitespace_cnt": MAX_WHITESPACE}
+    if kind == "regex":
+        return {"type": "regex", "pattern": text}
+    if kind in ("grammar", "choice"):
+        return {"type": "grammar", "grammar": text if kind == "grammar" else _choice_ebnf(spec.choice or [])}
+    tag: dict[str, Any] = jsonlib.loads(text)
+    return tag["format"] if tag.get("type") == "structural_tag" else tag
+
+
+def build_grammar(spec: StructuredOutputs, where: str | None = None) -> xgr.Grammar:
+    """The xgrammar grammar of ``spec``; ``ValueError`` naming the place (``where``, by default
+    ``structured_outputs.<kind>``) and the problem when it has none."""
     import xgrammar as xgr
 
     kind, text = spec.key
+    where = where or f"structured_outputs.{kind}"
     try:
         if kind == "json":
             schema = jsonlib.loads(text)
-            check_json_schema(schema, "structured_outputs.json")
+            check_json_schema(schema, where)
             return _json_grammar(text)
         if kind == "json_object":
             return _json_grammar('{"type": "object"}', strict=False)
@@ -168,13 +195,13 @@ def build_grammar(spec: StructuredOutputs) -> xgr.Grammar:
             return xgr.Grammar.from_ebnf(text)
         if kind == "choice":
             return xgr.Grammar.from_ebnf(_choice_ebnf(spec.choice or []))
-        return xgr.Grammar.from_structural_tag(text)
+        return _json_strings_fixed(xgr.Grammar.from_structural_tag(text))
     except ValueError as e:  # ours (already names the place), a JSON decode error, or pydantic's
-        if str(e).startswith("structured_outputs."):
+        if str(e).startswith(where):
             raise
-        raise ValueError(f"structured_outputs.{kind}: {_xgr_message(e)}") from None
+        raise ValueError(f"{where}: {_xgr_message(e)}") from None
     except RuntimeError as e:  # xgrammar's parse errors
-        raise ValueError(f"structured_outputs.{kind}: {_xgr_message(e)}") from None
+        raise ValueError(f"{where}: {_xgr_message(e)}") from None
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
