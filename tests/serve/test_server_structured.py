@@ -187,6 +187,9 @@ def _matches(spec: Any, text: str) -> bool:
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
      "'nope', which is not among the tools ('get_weather', 'get_time')"),
     ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "xs": {"type": "array", "uniqueItems": True}}}}}], "tool_choice": "required"}, "tools",
+     "tools.0.function.parameters.properties.xs: the JSON-schema keyword 'uniqueItems' is not supported"),
     ({"tools": TOOLS, "tool_choice": "none", "guided_regex": "a", "response_format": {"type": "json_object"}},
      "guided_regex", "cannot be combined with response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}},

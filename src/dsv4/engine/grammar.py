@@ -93,7 +93,7 @@ _UNSUPPORTED_KEYWORDS = ("not", "if", "then", "else", "dependentRequired", "depe
 _FORMATS = frozenset({"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uri",
                       "uri-reference", "uuid", "uri-template", "json-pointer", "relative-json-pointer"})
 # Keywords whose value is a map of names to subschemas, or a list of subschemas, or one subschema.
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SCHEMA_ONE = ("items", "additionalProperties", "propertyNames", "unevaluatedProperties", "contains")
 

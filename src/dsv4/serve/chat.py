@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsv4.chat.output import THINK_END, THINK_START, ChatOutput, ChatOutputParser, ToolCall, new_call_id
-from dsv4.engine.grammar import MAX_WHITESPACE, StructuredOutputs, as_format
+from dsv4.engine.grammar import MAX_WHITESPACE, StructuredOutputs, as_format, check_json_schema
 from dsv4.engine.outputs import CompletionOutput
 from dsv4.engine.tokenizer import Tokenizer
 from dsv4.serve.protocol import ChatCompletionRequest, OpenAIError, structured_spec
@@ -72,6 +72,11 @@ def _tool_calls_format(req: ChatCompletionRequest, param: str) -> dict[str, Any]
     import xgrammar as xgr
 
     tools: list[Any] = list(req.tools or [])
+    for i, tool in enumerate(tools):  # what xgrammar would not enforce is refused, as for response_format
+        try:
+            check_json_schema(tool["function"].get("parameters") or {}, f"tools.{i}.function.parameters")
+        except ValueError as e:
+            raise OpenAIError(str(e), param="tools") from None
     choice: Any = req.tool_choice if req.tool_choice not in (None, "auto") else "required"
     if not isinstance(choice, str):
         assert choice is not None
