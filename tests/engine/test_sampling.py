@@ -18,7 +18,7 @@ def test_defaults_equal_vllm() -> None:
         "n": 1, "max_tokens": 16, "min_tokens": 0, "temperature": 1.0, "top_p": 1.0, "top_k": -1,
         "min_p": 0.0, "repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
         "seed": None, "stop": [], "stop_token_ids": [], "ignore_eos": False, "logprobs": None,
-        "include_stop_str_in_output": False, "skip_special_tokens": True,
+        "include_stop_str_in_output": False, "skip_special_tokens": True, "structured_outputs": None,
     }  # fmt: skip
 
 

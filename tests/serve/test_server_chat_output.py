@@ -241,21 +241,6 @@ def test_tool_results_round_trip(client: OpenAI, srv: Any, script: Callable[...,
                            "<｜Assistant｜></think>")
 
 
-# ---------------------------------------------------------------------------------------------- not yet
-@pytest.mark.parametrize(("field", "value", "phrase"), [
-    ("tool_choice", "required", "'required' is not supported yet"),
-    ("tool_choice", {"type": "function", "function": {"name": "get_weather"}}, "a named function is not supported"),
-    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}, "not supported yet"),
-    ("response_format", {"type": "json_object"}, "not supported yet"),
-])
-def test_constrained_decoding_is_refused_by_name(srv: Any, field: str, value: Any, phrase: str) -> None:
-    body = {"messages": USER, "tools": TOOLS, field: value}
-    r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=30)
-    assert r.status_code == 400, r.text
-    err = r.json()["error"]
-    assert phrase in err["message"] and err["param"] == field
-
-
 def test_completion_choices_finish_once(client: OpenAI, script: Callable[..., None]) -> None:
     # with n > 1 the engine's later outputs repeat a finished choice: its finish goes out once (it was repeated)
     script("short", "a much longer answer")

@@ -25,6 +25,7 @@ from dsv4.core.runtime import tune_allocator
 from dsv4.engine.caching import SequenceCache
 from dsv4.engine.config import DTYPES, EngineConfig, pool_pages
 from dsv4.engine.detok import IncrementalDetokenizer, StopChecker
+from dsv4.engine.grammar import Grammars
 from dsv4.engine.outputs import RequestOutput
 from dsv4.engine.request import Request, Sequence, SequenceStatus
 from dsv4.engine.sampling import Sampler, SamplingParams, SequenceSampling
@@ -97,6 +98,7 @@ class Engine:
             chunked_prefill=config.chunked_prefill,
         )
         self.sampler = Sampler(eos_token_ids=sorted(self.eos_token_ids), token_logprobs=config.return_token_logprobs)
+        self.grammars = Grammars(self.tokenizer, vocab_size=mcfg.vocab_size, stop_token_ids=sorted(self.eos_token_ids))
         # In-place weight updates (RL's weight sync, load_state_dict) flush the cache; a caller that
         # swaps parameter objects instead calls flush_cache() itself.
         self.cache = SequenceCache.build(config, self.pool, self.scheduler,
@@ -175,6 +177,7 @@ class Engine:
         rid = request_id if request_id is not None else f"req-{next(self._request_ids)}"
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
+        grammar = self.grammars.sequence_grammar(params.structured_outputs)  # checked now, compiled aside
         req = Request(request_id=rid, prompt=text, prompt_ids=ids, params=params, arrival_order=next(self._arrivals))
         for j in range(params.n):
             seq = Sequence(
@@ -186,6 +189,7 @@ class Engine:
                        if self.tokenizer is not None else None),
                 stop=StopChecker(params.stop, params.include_stop_str_in_output) if params.stop else None,
                 logprobs=[] if params.logprobs is not None else None,
+                grammar=grammar() if grammar is not None else None,
             )
             req.seqs.append(seq)
         self.requests[rid] = req
@@ -349,7 +353,8 @@ class Engine:
             [plan.items[sample[k]][0] for k in plain], logits if not spec else logits[[rows[k + 1] - 1 for k in plain]])
         exact = self.model.invariant and self.config.return_token_logprobs
         if sampled:
-            result = self.sampler.sample(plain_logits, [s.sampling for s in sampled])
+            result = self.sampler.sample(plain_logits, [s.sampling for s in sampled],
+                                         mask=self.grammars.mask([s.grammar for s in sampled]))
             if exact:  # the trainer's own function, so true on-policy logprobs match it bit for bit
                 tokens = torch.tensor(result.tokens, device=plain_logits.device)
                 result.chosen_logprob = token_logprobs(plain_logits, tokens, True).tolist()
@@ -457,6 +462,8 @@ class Engine:
             seq.cumulative_logprob += chosen
         reason: str | None = None
         stop_reason: str | int | None = None
+        if seq.grammar is not None and seq.grammar.accept(token):
+            reason = "stop"  # the grammar is complete (the token is a stop token) even under ignore_eos
         special = token in self.eos_token_ids or token in params.stop_token_ids
         if seq.detok is not None and not (special and params.skip_special_tokens):
             new = seq.detok.push(token)
@@ -576,8 +583,8 @@ class _Step:
 
 
 def _may_speculate(seq: Sequence) -> bool:
-    """Whether the MTP block drafts for ``seq`` (not for grammar-constrained sequences)."""
-    return getattr(seq, "grammar", None) is None
+    """Whether the MTP block drafts for ``seq``: not under a grammar (its drafts are not constrained)."""
+    return seq.grammar is None
 
 
 def _per_prompt(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:

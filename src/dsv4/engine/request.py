@@ -9,6 +9,7 @@ import torch
 
 from dsv4.core.interfaces import RoutingTrace, SequenceStatus
 from dsv4.engine.detok import IncrementalDetokenizer, StopChecker
+from dsv4.engine.grammar import SequenceGrammar
 from dsv4.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, Routing
 from dsv4.engine.sampling import SamplingParams, SequenceSampling
 
@@ -40,6 +41,7 @@ class Sequence:
     # and the rows (start, count) that are this sequence's, in order; cut out once, when it finishes
     routing_log: list[tuple[RoutingTrace, int, int]] = field(default_factory=list)
     text: str = ""  # streamed-safe text so far (no partial UTF-8, no half stop string)
+    grammar: SequenceGrammar | None = None  # structured output's matcher; None when unconstrained
     # Speculative decoding (dsv4.engine.speculative): tokens the MTP block drafted after the last one,
     # which the next step verifies; positions whose MTP window row is written; the main model's streams
     # [n, D] at position num_computed - 1 (the MTP row there needs them once the next token is known).

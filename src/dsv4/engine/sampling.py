@@ -4,7 +4,7 @@
 - :class:`SequenceSampling` — one generated sequence's random stream and penalty bookkeeping.
 - :class:`Sampler` — one call per engine step over every sequence that needs a token.
 
-The processing order is vLLM's: penalties → temperature → top-k → top-p → min-p → draw. Tensor work is
+The processing order is vLLM's: grammar mask → penalties → temperature → top-k → top-p → min-p → draw. Tensor work is
 vectorised over rows; only the random draw loops over rows, so that each row draws from its own
 generator and **a seed gives the same tokens whatever else shares the batch**.
 """
@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from torch import Tensor
 
+from dsv4.engine.grammar import StructuredOutputs
 from dsv4.engine.outputs import Logprob
 
 __all__ = [
@@ -80,6 +81,7 @@ class SamplingParams(BaseModel):
     logprobs: int | None = None  # return the chosen token's logprob and this many top alternatives
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None  # constrain the text: a JSON schema, a regex, ...
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -122,6 +124,9 @@ class SamplingParams(BaseModel):
     def _min_le_max(self) -> SamplingParams:
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        if self.min_tokens and self.structured_outputs is not None:
+            # the grammar may allow nothing but EOS before min_tokens: no token would be left to draw
+            raise ValueError("min_tokens cannot be combined with structured_outputs")
         return self
 
     @property
@@ -225,7 +230,8 @@ class SequenceSampling:
 
 @dataclass(slots=True)
 class SampleResult:
-    """One token per row, with raw (pre-penalty, pre-temperature) log-probabilities."""
+    """One token per row, with raw (pre-grammar-mask, pre-penalty, pre-temperature) log-probabilities: a
+    constrained row's logprobs are the model's own, as vLLM's default ``raw_logprobs`` gives them."""
 
     tokens: list[int]
     logprobs: list[dict[int, Logprob] | None]  # chosen + top-``params.logprobs``; None when not asked
@@ -243,8 +249,14 @@ class Sampler:
         self.token_logprobs = token_logprobs
 
     @torch.no_grad()
-    def sample(self, logits: Tensor, seqs: Sequence[SequenceSampling]) -> SampleResult:
-        """Pick one token per row of ``logits`` ``[N, V]``; row ``i`` follows ``seqs[i]``."""
+    def sample(
+        self, logits: Tensor, seqs: Sequence[SequenceSampling], *, mask: Callable[[Tensor], None] | None = None
+    ) -> SampleResult:
+        """Pick one token per row of ``logits`` ``[N, V]``; row ``i`` follows ``seqs[i]``.
+
+        ``mask``: sets the logits of tokens a row may not take to ``-inf``, in place, on a copy of ``logits``
+        (structured output's grammar masks; see :meth:`dsv4.engine.grammar.Grammars.mask`).
+        """
         if logits.dim() != 2 or logits.shape[0] != len(seqs):
             raise ValueError(f"logits must be [len(seqs)={len(seqs)}, V], got {list(logits.shape)}")
         logits = logits.float()
@@ -252,7 +264,7 @@ class Sampler:
         if n == 0:
             return SampleResult([], [], [])
         params = [s.params for s in seqs]
-        work = self.penalized_logits(logits, seqs)
+        work = self.penalized_logits(logits, seqs, mask=mask)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         # max().indices: the first maximum like argmax, and several times faster on CPU
         if not sampled:
@@ -271,10 +283,13 @@ class Sampler:
         raw ``logits [N, V]``: logprobs as :meth:`sample` reports them."""
         return _with_logprobs(logits.float(), tokens, [s.params for s in seqs], everyone=self.token_logprobs)
 
-    def penalized_logits(self, logits: Tensor, seqs: Sequence[SequenceSampling]) -> Tensor:
-        """``logits`` ``[N, V]`` after penalties and min_tokens masks: what greedy rows take the argmax of.
+    def penalized_logits(
+        self, logits: Tensor, seqs: Sequence[SequenceSampling], *, mask: Callable[[Tensor], None] | None = None
+    ) -> Tensor:
+        """``logits`` ``[N, V]`` after the grammar ``mask``, penalties and min_tokens masks: what greedy rows take
+        the argmax of.
 
-        Returns ``logits`` itself (not a copy) when no row needs either.
+        Returns ``logits`` itself (not a copy) when no row needs any.
         """
         v = logits.shape[1]
         rows: list[int] = []
@@ -288,6 +303,9 @@ class Sampler:
                 rows += [i] * len(banned_ok)
                 cols += banned_ok
         work = logits
+        if mask is not None:
+            work = logits.clone()
+            mask(work)
         pen = [i for i, s in enumerate(seqs) if s.params.uses_penalties]
         if pen:
             dev = logits.device

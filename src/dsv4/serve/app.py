@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dsv4.engine.async_engine import AsyncEngine
 from dsv4.engine.engine import Engine
 from dsv4.engine.outputs import CompletionOutput, RequestOutput
-from dsv4.serve.chat import ChoiceReader, render_chat_prompt
+from dsv4.serve.chat import ChoiceReader, chat_constraint, render_chat_prompt
 from dsv4.serve.metrics import ServerMetrics
 from dsv4.serve.middleware import BodyLimit, CountRequests
 from dsv4.serve.protocol import (
@@ -162,8 +162,9 @@ def build_app(
         ids = [_encode(tokenizer, p) for p in prompts]
         for i in ids:  # before the echo below decodes them
             _check_vocab(engine, i, "prompt")
-        params = [req.sampling_params(max_tokens=budget(len(i), req.max_tokens, "prompt"), logprobs=req.logprobs)
-                  for i in ids]
+        given = req.structured()
+        params = [req.sampling_params(max_tokens=budget(len(i), req.max_tokens, "prompt"), logprobs=req.logprobs,
+                                      structured=given[0] if given is not None else None) for i in ids]
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         echo = [p if isinstance(p, str) else engine.tokenizer.decode(p) if engine.tokenizer else "" for p in prompts]
@@ -213,7 +214,8 @@ def build_app(
         top = req.top_logprobs if req.logprobs else None
         if req.top_logprobs is not None and not req.logprobs:
             raise OpenAIError("top_logprobs needs logprobs=true", param="top_logprobs")
-        params = req.sampling_params(max_tokens=max_tokens, logprobs=(top or 0) if req.logprobs else None)
+        params = req.sampling_params(max_tokens=max_tokens, logprobs=(top or 0) if req.logprobs else None,
+                                     structured=chat_constraint(req, mode))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         stream = engine_stream(aengine, metrics, ids, params, rid)

@@ -1,5 +1,6 @@
-"""Chat completions on the OpenAI wire: the prompt rendered from a request, and each choice's generated text read
-back as ``reasoning_content``, ``content`` and ``tool_calls`` (whole, or as stream deltas)."""
+"""Chat completions on the OpenAI wire: the prompt rendered from a request, the constraint on its output (a forced
+tool call, ``response_format``), and each choice's generated text read back as ``reasoning_content``, ``content``
+and ``tool_calls`` (whole, or as stream deltas)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dsv4.chat.output import THINK_START, ChatOutput, ChatOutputParser, ToolCall, new_call_id
+from dsv4.chat.output import THINK_END, THINK_START, ChatOutput, ChatOutputParser, ToolCall, new_call_id
+from dsv4.engine.grammar import MAX_WHITESPACE, StructuredOutputs, as_format, check_json_schema
 from dsv4.engine.outputs import CompletionOutput
 from dsv4.engine.tokenizer import Tokenizer
-from dsv4.serve.protocol import ChatCompletionRequest, OpenAIError
+from dsv4.serve.protocol import ChatCompletionRequest, OpenAIError, structured_spec
 
-__all__ = ["ChatMode", "ChoiceReader", "render_chat_prompt"]
+__all__ = ["ChatMode", "ChoiceReader", "chat_constraint", "render_chat_prompt"]
 
 
 @dataclass(frozen=True)
@@ -26,14 +28,7 @@ class ChatMode:
 
 def render_chat_prompt(tok: Tokenizer, req: ChatCompletionRequest) -> tuple[str, ChatMode]:
     """The prompt text of a chat request and how its output is to be read; 400 for what is not supported."""
-    if req.response_format is not None and req.response_format.type != "text":
-        raise OpenAIError(f"response_format type {req.response_format.type!r} is not supported yet (only 'text': "
-                          "structured output needs constrained decoding)", param="response_format")
     choice = req.tool_choice
-    if choice == "required" or (choice is not None and not isinstance(choice, str)):
-        shown = "'required'" if choice == "required" else "a named function"
-        raise OpenAIError(f"tool_choice {shown} is not supported yet (it needs constrained decoding); use 'auto' "
-                          "or 'none'", param="tool_choice")
     # tool_choice "none": the tools stay out of the prompt, and DSML in the output stays content.
     tools = req.tools if req.tools and choice != "none" else None
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
@@ -42,6 +37,69 @@ def render_chat_prompt(tok: Tokenizer, req: ChatCompletionRequest) -> tuple[str,
     except ValueError as e:
         raise OpenAIError(str(e), param="messages") from None
     return text, ChatMode(reasoning=text.rstrip().endswith(THINK_START), tools=tools is not None)
+
+
+def chat_constraint(req: ChatCompletionRequest, mode: ChatMode) -> StructuredOutputs | None:
+    """What the reply must match, or None: with ``tool_choice`` "required" or a named function, one DSML
+    ``tool_calls`` block (of that function) whose arguments follow the tools' schemas; with a JSON
+    ``response_format``, JSON content (or, tools offered under "auto", that or a tool-call block); else
+    ``structured_outputs`` / ``guided_*`` as given. In thinking mode the reasoning before ``</think>`` is free.
+    A forced tool call takes precedence over ``response_format`` (the reply is the call, as OpenAI does)."""
+    given = req.structured()
+    fmt = req.response_format.spec() if req.response_format is not None else None
+    forced = mode.tools and (req.tool_choice == "required" or not isinstance(req.tool_choice, str | None))
+    if given is not None and (forced or fmt is not None):
+        other = "tool_choice" if forced else "response_format"
+        raise OpenAIError(f"{given[1]} cannot be combined with {other}", param=given[1])
+    if not mode.tools and (req.tool_choice == "required" or not isinstance(req.tool_choice, str | None)):
+        raise OpenAIError("this tool_choice needs tools", param="tool_choice")
+    if forced:
+        return _tag(mode, _tool_calls_format(req, "tool_choice"), "tool_choice")
+    if fmt is not None:
+        content = as_format(fmt)
+        if mode.tools:
+            content = {"type": "or", "elements": [content, _tool_calls_format(req, "tools")]}
+        return _tag(mode, content, "response_format") if mode.reasoning or mode.tools else fmt
+    if given is None:
+        return None
+    spec, param = given
+    return _tag(mode, as_format(spec), param) if mode.reasoning and spec.kind != "structural_tag" else spec
+
+
+def _tool_calls_format(req: ChatCompletionRequest, param: str) -> dict[str, Any]:
+    """The structural-tag format of one DSML tool_calls block, calling the function ``tool_choice`` names or (else)
+    any of ``tools``, with arguments following its schema (xgrammar's ``deepseek_v4`` tag)."""
+    import xgrammar as xgr
+
+    tools: list[Any] = list(req.tools or [])
+    for i, tool in enumerate(tools):  # what xgrammar would not enforce is refused, as for response_format
+        try:
+            check_json_schema(tool["function"].get("parameters") or {}, f"tools.{i}.function.parameters")
+        except ValueError as e:
+            raise OpenAIError(str(e), param="tools") from None
+    choice: Any = req.tool_choice if req.tool_choice not in (None, "auto") else "required"
+    if not isinstance(choice, str):
+        assert choice is not None
+        names = [t["function"]["name"] for t in tools]
+        if choice.function.name not in names:
+            raise OpenAIError(f"tool_choice names the function {choice.function.name!r}, which is not among the "
+                              f"tools ({', '.join(map(repr, names))})", param="tool_choice")
+        choice = choice.model_dump()
+    try:
+        tag = xgr.get_model_structural_tag("deepseek_v4", tools=tools, tool_choice=choice, reasoning="disabled",
+                                           parallel_tool_calls=req.parallel_tool_calls is not False,
+                                           max_whitespace_cnt=MAX_WHITESPACE)
+    except (ValueError, TypeError) as e:
+        raise OpenAIError(f"tools cannot be enforced: {e}", param=param) from None
+    return tag.format.model_dump(mode="json")
+
+
+def _tag(mode: ChatMode, content: dict[str, Any], param: str) -> StructuredOutputs:
+    """``content`` (a structural-tag format) as the reply's constraint, after free reasoning in thinking mode."""
+    if mode.reasoning:
+        reasoning = {"type": "tag", "begin": "", "content": {"type": "any_text"}, "end": THINK_END}
+        content = {"type": "sequence", "elements": [reasoning, content]}
+    return structured_spec({"structural_tag": {"type": "structural_tag", "format": content}}, param)
 
 
 class ChoiceReader:

@@ -2,7 +2,8 @@
 
 Unknown fields are rejected (as OpenAI does: "Unrecognized request argument supplied"), with the
 vLLM/SGLang extensions users rely on accepted (top_k, min_p, repetition_penalty, stop_token_ids,
-ignore_eos, min_tokens, skip_special_tokens, include_stop_str_in_output). Booleans are strict ("yes" and 1
+ignore_eos, min_tokens, skip_special_tokens, include_stop_str_in_output, structured_outputs and its older guided_*
+spellings). Booleans are strict ("yes" and 1
 are not true), every string must be valid Unicode (a lone surrogate is a 400 naming the field), and chat
 content is text: other content parts (images, audio, files) are refused, not ignored.
 """
@@ -24,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from dsv4.engine.grammar import StructuredOutputs, build_grammar
 from dsv4.engine.sampling import SamplingParams
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "StreamOptions",
     "TokenizeRequest",
     "Tool",
+    "structured_spec",
     "unencodable_text",
 ]
 
@@ -108,6 +111,27 @@ class _Request(_Strict):
         return data
 
 
+def structured_spec(fields: dict[str, Any], param: str, where: str | None = None) -> StructuredOutputs:
+    """A structured-output spec from a request's ``fields``, checked now (its grammar parsed): a 400 naming
+    ``param`` (and ``where`` inside it) for one that is malformed or cannot be enforced."""
+    try:
+        spec = StructuredOutputs(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        problem = str(err["msg"]).removeprefix("Value error, ")
+        raise OpenAIError(f"{param}{'.' + loc if loc else ''}: {problem}", param=param) from None
+    try:
+        build_grammar(spec, where or param)
+    except ValueError as e:
+        raise OpenAIError(str(e), param=param) from None
+    return spec
+
+
+# vLLM's older spellings of structured_outputs' fields
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
 class StreamOptions(_Strict):
     """``stream_options``: a final chunk with token usage."""
 
@@ -139,6 +163,13 @@ class _Sampling(_Request):
     min_tokens: int = Field(default=0, ge=0)
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
+    # structured output: vLLM's structured_outputs ({json | json_object | regex | grammar | choice |
+    # structural_tag}) or one of its older guided_* fields
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -147,8 +178,25 @@ class _Sampling(_Request):
             raise ValueError("at most 16 stop sequences")
         return v
 
-    def sampling_params(self, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        """The engine's parameters for this request (defaults: OpenAI's)."""
+    def structured(self) -> tuple[StructuredOutputs, str] | None:
+        """``structured_outputs`` or a ``guided_*`` field as a checked spec, with the field's name; None when
+        neither is given."""
+        given = [(name, value) for name, value in (("structured_outputs", self.structured_outputs),
+                                                   *((g, getattr(self, g)) for g in _GUIDED)) if value is not None]
+        if not given:
+            return None
+        if len(given) > 1:
+            raise OpenAIError(f"give at most one of structured_outputs, {', '.join(_GUIDED)}; got "
+                              f"{', '.join(name for name, _ in given)}", param=given[1][0])
+        name, value = given[0]
+        fields = value if name == "structured_outputs" else {_GUIDED[name]: value}
+        if not isinstance(fields, dict):
+            raise OpenAIError(f"{name} must be an object", param=name)
+        return structured_spec(fields, name, None if name == "structured_outputs" else name), name
+
+    def sampling_params(self, *, max_tokens: int, logprobs: int | None,
+                        structured: StructuredOutputs | None = None) -> SamplingParams:
+        """The engine's parameters for this request (defaults: OpenAI's); ``structured``: the output's constraint."""
         if self.logit_bias:
             raise OpenAIError("logit_bias is not supported", param="logit_bias")
         fields: dict[str, Any] = {
@@ -166,6 +214,7 @@ class _Sampling(_Request):
             "skip_special_tokens": self.skip_special_tokens,
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "logprobs": logprobs,
+            "structured_outputs": structured,
         }
         for name in ("top_k", "min_p", "repetition_penalty"):
             if getattr(self, name) is not None:
@@ -280,11 +329,36 @@ class ChatMessage(BaseModel):
         return v
 
 
+class JsonSchemaFormat(_Strict):
+    """``response_format.json_schema``: a named schema the reply's JSON follows (``strict`` or not: always)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # None: any JSON object
+    strict: StrictBool | None = None
+
+
 class ResponseFormat(_Strict):
-    """``response_format``: only plain text is supported yet."""
+    """``response_format``: plain text, any JSON object, or JSON following a schema (constrained decoding)."""
 
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only then")
+        return self
+
+    def spec(self) -> StructuredOutputs | None:
+        """The reply's constraint (None for text), checked: a 400 naming response_format when it cannot be."""
+        if self.type == "text":
+            return None
+        schema = self.json_schema.schema_ if self.json_schema is not None else None
+        if schema is None:
+            return structured_spec({"json_object": True}, "response_format")
+        return structured_spec({"json": schema}, "response_format", "response_format.json_schema.schema")
 
 
 class _ToolName(_Strict):
@@ -345,6 +419,10 @@ class ChatCompletionRequest(_Sampling):
         return kwargs
 
 
+# SGLang's sampling_params spellings of a constraint
+_SGLANG_STRUCTURED = {"json_schema": "json", "regex": "regex", "ebnf": "grammar"}
+
+
 class GenerateRequest(_Request):
     """SGLang-style native ``POST /generate``: token ids (or text) in, token ids out."""
 
@@ -360,6 +438,18 @@ class GenerateRequest(_Request):
         """``sampling_params`` (SGLang's ``max_new_tokens`` accepted) as the engine's, booleans strict."""
         fields = dict(self.sampling_params)
         fields.setdefault("max_tokens", fields.pop("max_new_tokens", None) or 128)
+        sglang = [k for k in _SGLANG_STRUCTURED if fields.get(k) is not None]
+        if "structured_outputs" in fields or sglang:
+            if len(sglang) + ("structured_outputs" in fields) > 1:
+                raise OpenAIError("give at most one of sampling_params.structured_outputs, json_schema, regex, ebnf",
+                                  param="sampling_params")
+            value = fields.pop("structured_outputs", None) or {_SGLANG_STRUCTURED[k]: fields[k] for k in sglang}
+            for k in _SGLANG_STRUCTURED:
+                fields.pop(k, None)
+            if not isinstance(value, dict):
+                raise OpenAIError("sampling_params.structured_outputs must be an object", param="sampling_params")
+            fields["structured_outputs"] = structured_spec(value, "sampling_params",
+                                                           "sampling_params.structured_outputs")
         if self.return_logprob:
             fields["logprobs"] = self.top_logprobs_num
         for name, info in SamplingParams.model_fields.items():
