@@ -328,3 +328,28 @@ def test_mtp_rows_after_resume_fork_and_verify() -> None:
             checked += 1
     assert checked > 20
     assert all(o.metrics is not None and o.metrics.cached_tokens > 0 for o in (r.output() for r in reqs))
+
+
+def test_grammar_constrained_sequences_do_not_speculate(model: Transformer, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A structured-output request beside speculating ones: it decodes plainly (drafts are not
+    constrained) and matches its regex; the others are unchanged."""
+    import re
+
+    from dsv4.testing.tokenizers import write_byte_tokenizer
+
+    write_byte_tokenizer(tmp_path, vocab_size=VOCAB)
+    regex = r"[a-z]{2,6}@(foo|bar)\.(com|org)"
+    prompts = ["hello there", "the rain in spain", "stays mainly"]
+    params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=40, seed=5, structured_outputs={"regex": regex}),
+              SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)]
+    engine = Engine(model, tokenizer=tmp_path, speculative="mtp")
+    got = engine.generate(prompts, params)
+    want = Engine(model, tokenizer=tmp_path).generate(prompts, params)
+    assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+    assert got[2].outputs[0].token_ids == want[2].outputs[0].token_ids
+    constrained = got[1]
+    assert constrained.metrics is not None and constrained.metrics.spec_steps == 0
+    assert got[0].metrics is not None and got[0].metrics.spec_steps > 0
+    if constrained.outputs[0].finish_reason == "stop":
+        assert re.fullmatch(regex, constrained.outputs[0].text)

@@ -143,10 +143,10 @@ def _running(
 @pytest.fixture(scope="session")
 def launch_server(serve_model_dir: Path) -> Callable[..., AbstractContextManager[RunningServer]]:
     """``with launch_server(api_key=..., max_pending=..., aengine_class=..., **engine_options) as srv:`` a live
-    server."""
+    server (of ``model_dir=`` when given)."""
 
-    def launch(**options: Any) -> AbstractContextManager[RunningServer]:
-        return _running(serve_model_dir, **options)
+    def launch(model_dir: Path | None = None, **options: Any) -> AbstractContextManager[RunningServer]:
+        return _running(model_dir or serve_model_dir, **options)
 
     return launch
 
