@@ -41,6 +41,7 @@ SPEC_CONFIG = dict(
 )
 NAMES = ["alice", "bob", "carol", "david", "emma", "frank", "grace", "henry", "irene", "jack", "karen", "louis",
          "maria", "nathan", "olivia", "peter", "quinn", "rachel", "samuel", "tina"]
+REPEATS = 3
 CITIES = ["paris", "lima", "oslo", "tokyo", "cairo", "delhi", "quito", "rome", "seoul", "vienna", "dublin",
           "madrid", "nairobi", "toronto", "sydney"]
 
@@ -94,9 +95,11 @@ def run(engine: Engine, prompts: list[str], tokens: int, ignore_eos: bool) -> tu
     """Wall seconds, output tokens and the outputs of greedy generation of ``prompts``."""
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=ignore_eos)
     engine.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))  # warm up
-    t = time.perf_counter()
-    outs = engine.generate(prompts, params)
-    wall = time.perf_counter() - t
+    wall = float("inf")
+    for _ in range(REPEATS):  # the best of a few: greedy outputs are the same each time
+        t = time.perf_counter()
+        outs = engine.generate(prompts, params)
+        wall = min(wall, time.perf_counter() - t)
     ids = [o.outputs[0].token_ids for o in outs]
     return wall, sum(len(i) for i in ids), ids
 
@@ -116,7 +119,7 @@ def bench(name: str, model_dir: Path, prompts_of: list[str], batches: list[int],
                         speculative="mtp", num_speculative_tokens=k, speculative_max_batch=10**6)
         wall1, n1, ids1 = run(forced, prompts, tokens, ignore_eos)
         same = ids0 == ids1
-        stats = forced.spec_stats()
+        stats = forced.spec_stats()  # over the repeats: the same tokens each time
         policy = Engine(model, tokenizer=model_dir, prefix_cache=False, max_num_seqs=max(batches),
                         speculative="mtp", num_speculative_tokens=k)
         wall2, _, _ = run(policy, prompts, tokens, ignore_eos)
