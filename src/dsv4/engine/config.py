@@ -82,7 +82,7 @@ class EngineConfig(RunConfigModel):
     # a token decode plainly (verifying then costs more than it saves; see benchmarks/bench_spec.py).
     speculative: Literal["mtp"] | None = None
     num_speculative_tokens: int = Field(default=3, ge=1, le=16)
-    speculative_max_batch: int = Field(default=8, ge=0)
+    speculative_max_batch: int = Field(default=4, ge=0)
     # Keep large CPU tensors in glibc's heap (process-wide; dsv4.core.runtime): ~1.5x faster long
     # prefills, but ~10 % slower small-tensor RL training, so off unless asked (dsv4 serve/batch do).
     tune_allocator: bool = False

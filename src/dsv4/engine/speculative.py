@@ -31,8 +31,8 @@ from torch import Tensor
 from dsv4.core.batch import ForwardBatch
 from dsv4.core.interfaces import KVPool
 from dsv4.core.numerics import token_logprobs
-from dsv4.engine.request import Sequence
 from dsv4.engine.outputs import Logprob
+from dsv4.engine.request import Sequence
 from dsv4.engine.sampling import Sampler, SequenceSampling, processed_logits, race
 from dsv4.model import Transformer
 
@@ -41,7 +41,7 @@ __all__ = ["Append", "Drafter", "accept"]
 
 #: ``append(seq, token, logprobs, chosen_logprob)`` records a token that stands (the engine's
 #: ``_append``) and returns whether the sequence goes on.
-Append = Callable[[Sequence, int, "dict[int, Logprob] | None", float], bool]
+Append = Callable[[Sequence, int, dict[int, Logprob] | None, float], bool]
 
 
 def accept(sampler: Sampler, logits: Tensor, seqs: Seq[Sequence], drafts: Seq[list[int]], append: Append, *,
