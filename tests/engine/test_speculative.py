@@ -54,6 +54,7 @@ class _Oracle:
 
 
 def _spec_engine(model: Transformer, oracle: _Oracle | None = None, **options: object) -> Engine:
+    options.setdefault("speculative_max_batch", 64)  # speculating whatever the batch
     engine = Engine(model, speculative="mtp", **options)  # type: ignore[arg-type]
     if oracle is not None:
         assert engine.drafter is not None
@@ -164,17 +165,25 @@ def test_rollback_leaves_no_trace() -> None:
     assert 0 < engine.stats["spec_accepted_tokens"] < engine.stats["spec_draft_tokens"]
 
 
-def test_seeded_sampling_does_not_depend_on_the_batch(model: Transformer) -> None:
-    """Same seed, same tokens, whatever else shares the batch (speculating alone or beside others)."""
-    prompt = [5, 17, 33, 120, 7, 9]
-    params = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=1234)
-    alone = _spec_engine(model).generate([prompt], params)[0].outputs[0].token_ids
+def test_seeded_sampling_is_plain_decodings() -> None:
+    """Same seed, same tokens as plain decoding, whatever else shares the batch and whether speculation
+    runs or the policy pauses it (each token is drawn from the plain path's random numbers; batch-invariant
+    numerics, so the logits of a verifying row are a decode step's exactly)."""
+    model = _model()
     rng = random.Random(5)
-    others = _prompts(5, rng)
-    crowd = _spec_engine(model).generate([*others[:2], prompt, *others[2:]],
-                                         [SamplingParams(max_tokens=15, seed=i) for i in range(2)] + [params]
-                                         + [SamplingParams(max_tokens=15, temperature=0) for _ in range(3)])
-    assert crowd[2].outputs[0].token_ids == alone
+    prompts = _prompts(6, rng)
+    params = [SamplingParams(max_tokens=6 + 4 * i, temperature=0.8, top_p=0.9, seed=100 + i, ignore_eos=True)
+              for i in range(6)]  # the batch thins as they end: a paused policy starts speculating mid-way
+    want = Engine(model, batch_invariant=True).generate(prompts, params)
+    truth = {tuple(p): o.outputs[0].token_ids for p, o in zip(prompts, want, strict=True)}
+    for options in (dict(), dict(speculative_max_batch=3)):  # always, and paused while more than 3 sample
+        engine = _spec_engine(model, _Oracle(truth, 0.3, seed=6), batch_invariant=True, **options)
+        got = engine.generate(prompts, params)
+        assert _tokens(got) == _tokens(want)
+        assert 0 < engine.stats["spec_accepted_tokens"] < engine.stats["spec_draft_tokens"]
+    alone = _spec_engine(model).generate([prompts[2]], params[2])[0].outputs[0].token_ids
+    crowd = _spec_engine(model).generate(prompts, params)[2].outputs[0].token_ids
+    assert alone == crowd
 
 
 def _first_tokens(engine: Engine, prompt: list[int], count: int, length: int, seed0: int) -> Iterator[tuple[int, ...]]:
@@ -201,8 +210,9 @@ def _chi_square_p(a: Counter[int], b: Counter[int]) -> float:
 
 
 def test_sampled_distribution_is_the_targets() -> None:
-    """Temperature 1 on a 16-token vocabulary: the tokens at positions 2 and 3 (after drafts were judged)
-    follow the distribution of plain sampling (chi-square), with drafts standing and falling."""
+    """Temperature 1 on a 16-token vocabulary, the MTP block's own drafts, seeds that differ between the
+    arms: the tokens at positions 1-3 (after drafts were judged) follow the distribution of plain sampling
+    (chi-square), with drafts standing and falling."""
     model = _model(vocab=16, seed=8)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     n = 1500
@@ -353,3 +363,25 @@ def test_grammar_constrained_sequences_do_not_speculate(model: Transformer, tmp_
     assert got[0].metrics is not None and got[0].metrics.spec_steps > 0
     if constrained.outputs[0].finish_reason == "stop":
         assert re.fullmatch(regex, constrained.outputs[0].text)
+
+
+def test_stop_strings_inside_accepted_drafts(model: Transformer, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A stop string that ends inside a run of accepted drafts: the text, tokens and finish reason of
+    plain decoding (the tokens after the stop are not kept)."""
+    from dsv4.testing.tokenizers import write_byte_tokenizer
+
+    write_byte_tokenizer(tmp_path, vocab_size=VOCAB)
+    prompts = ["once upon a time", "the quick brown fox"]
+    plain = Engine(model, tokenizer=tmp_path)
+    free = plain.generate(prompts, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    truth = {tuple(o.prompt_token_ids): o.outputs[0].token_ids for o in free}
+    stops = [o.outputs[0].text[5:8] for o in free]  # text the greedy continuation is known to reach
+    params = [SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[s]) for s in stops]
+    want = plain.generate(prompts, params)
+    engine = _spec_engine(model, _Oracle(truth, 0.0), tokenizer=tmp_path)
+    got = engine.generate(prompts, params)
+    for g, w in zip(got, want, strict=True):
+        assert (g.outputs[0].text, g.outputs[0].token_ids, g.outputs[0].finish_reason, g.outputs[0].stop_reason) == (
+            w.outputs[0].text, w.outputs[0].token_ids, w.outputs[0].finish_reason, w.outputs[0].stop_reason)
+        assert w.outputs[0].finish_reason == "stop"
+    assert engine.stats["spec_accepted_tokens"] > 0

@@ -24,10 +24,7 @@ from torch import Tensor
 from dsv4.engine.grammar import StructuredOutputs
 from dsv4.engine.outputs import Logprob
 
-__all__ = [
-    "MAX_LOGPROBS", "MAX_N", "SampleResult", "Sampler", "SamplingParams", "SequenceSampling", "processed_logits", "race",
-    "sequence_seed",
-]
+__all__ = ["MAX_LOGPROBS", "MAX_N", "SampleResult", "Sampler", "SamplingParams", "SequenceSampling", "sequence_seed"]
 
 MAX_N = 64  # sequences per request
 MAX_LOGPROBS = 20  # alternatives per token besides the chosen one
@@ -278,11 +275,6 @@ class Sampler:
                                                                         [seqs[i] for i in sampled])
         return _with_logprobs(logits, tokens, params, everyone=self.token_logprobs)
 
-    def result(self, logits: Tensor, tokens: Tensor, seqs: Sequence[SequenceSampling]) -> SampleResult:
-        """The :class:`SampleResult` of ``tokens [N]`` chosen by other means (a verified draft) from the
-        raw ``logits [N, V]``: logprobs as :meth:`sample` reports them."""
-        return _with_logprobs(logits.float(), tokens, [s.params for s in seqs], everyone=self.token_logprobs)
-
     def penalized_logits(
         self, logits: Tensor, seqs: Sequence[SequenceSampling], *, mask: Callable[[Tensor], None] | None = None
     ) -> Tensor:
@@ -346,12 +338,6 @@ def _replace_rows(x: Tensor, keep: Tensor | None, rows: list[int], value: Tensor
 
 def _draw(logits: Tensor, seqs: Sequence[SequenceSampling]) -> Tensor:
     """Temperature, top-k, top-p, min-p, then one draw per row from that row's generator. ``[R, V] -> [R]``."""
-    return race(processed_logits(logits, seqs), seqs)
-
-
-def processed_logits(logits: Tensor, seqs: Sequence[SequenceSampling]) -> Tensor:
-    """Penalised logits ``[R, V]`` after temperature, top-k, top-p and min-p: ``softmax`` of a row is the
-    distribution its token is drawn from (-inf outside the kept set). Always a new tensor."""
     r, v = logits.shape
     dev = logits.device
     params = [s.params for s in seqs]
@@ -376,13 +362,7 @@ def processed_logits(logits: Tensor, seqs: Sequence[SequenceSampling]) -> Tensor
         log_min_p = torch.tensor([math.log(params[i].min_p) for i in rows], device=dev)[:, None]
         x = _replace_rows(x, None, rows, sub.masked_fill(sub < sub.max(dim=-1, keepdim=True).values + log_min_p,
                                                           -math.inf))
-    return x
 
-
-def race(x: Tensor, seqs: Sequence[SequenceSampling]) -> Tensor:
-    """One draw per row from ``softmax(x)`` ``[R, V]``, row ``i`` from ``seqs[i]``'s generator. ``-> [R]``."""
-    r, v = x.shape
-    dev = x.device
     # Exponential race: argmax(p / q) with q ~ Exp(1) is a draw from p; taken as argmax(x - log q), the
     # same argmax without underflow. q = -log(u) with u ~ U[0, 1) (u = 0 gives q = inf: that token just
     # loses); uniform_ is several times faster than exponential_ on CPU. Each row's u comes from its

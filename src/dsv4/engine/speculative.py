@@ -1,14 +1,17 @@
 """MTP speculative decoding: the checkpoint's own MTP block drafts tokens, the model verifies them in
-the next step's forward, and rejection sampling keeps exactly the distribution plain decoding samples.
+the next step's forward, and every token kept is the one plain decoding would have drawn.
 
 A speculating sequence ends each step with up to ``k`` draft tokens (:attr:`Sequence.draft_ids`). The
 scheduler gives it ``1 + len(drafts)`` rows in the next step: its last token and the drafts. Row ``j``'s
 logits are the target distribution ``p_j`` of the token after draft ``j`` (if drafts ``1 … j`` stand);
-:func:`accept` walks the rows in order, accepting draft ``j + 1`` with probability ``p_j(d)`` (greedy:
-when it is the argmax), and at the first rejection samples from ``p_j`` with ``d`` removed. Drafts are
-deterministic (the MTP block's argmax), so that is the textbook rule with a point-mass proposal:
-``P(x) = p(d)·[x = d] + (1 - p(d))·p(x)/(1 - p(d))·[x ≠ d] = p(x)``. All drafts standing, the last
-row samples a bonus token as a plain step would.
+:func:`accept` walks the rows in order and samples each row's token exactly as plain decoding would,
+from the sequence's own random stream; draft ``j + 1`` stands iff it is that token, and the first token
+that differs ends the run (the one after the last draft, if all stand). Every emitted token is thus a
+draw from its ``p_j`` given the tokens before it — the target distribution, with the plain path's very
+random numbers: greedy or seeded, the tokens are those of decoding without drafts, whatever shares the
+batch and whether or not speculation runs (up to the float noise between a forward of 1 + k rows and one
+of 1 row; none in batch-invariant mode). A draft stands with probability ``p_j(d)``, which is what
+rejection sampling with the deterministic (argmax) draft gives too.
 
 Rollback is free by construction: every KV stream is an append-only log of rows at token positions
 (window rows, open-block compressor rows; compressed entries and indexer keys once their block
@@ -22,7 +25,6 @@ streams at ``p`` and the token at ``p + 1``, so it exists once that token does (
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence as Seq
 
 import torch
@@ -33,7 +35,7 @@ from dsv4.core.interfaces import KVPool
 from dsv4.core.numerics import token_logprobs
 from dsv4.engine.outputs import Logprob
 from dsv4.engine.request import Sequence
-from dsv4.engine.sampling import Sampler, SequenceSampling, processed_logits, race
+from dsv4.engine.sampling import Sampler
 from dsv4.model import Transformer
 
 __all__ = ["Append", "Drafter", "accept"]
@@ -47,11 +49,13 @@ Append = Callable[[Sequence, int, dict[int, Logprob] | None, float], bool]
 def accept(sampler: Sampler, logits: Tensor, seqs: Seq[Sequence], drafts: Seq[list[int]], append: Append, *,
            exact_logprobs: bool = False) -> list[int]:
     """Verify each sequence's drafts on its rows of ``logits`` (``1 + len(drafts[i])`` consecutive rows,
-    in order) and ``append`` the tokens that stand, in order: accepted drafts, then the correction (at
-    the first rejection) or the bonus token (all accepted). A sequence's penalties and ``min_tokens``
-    see each token before the next row is judged; rows are judged position by position across the
-    sequences, one batched sampler pass each. ``exact_logprobs``: chosen logprobs by the trainer's own
-    function (batch-invariant RL). Returns how many drafts of each sequence stood."""
+    in order) and ``append`` the tokens that stand, in order. Row ``j`` samples its token exactly as a
+    plain step would, from the same random stream; the draft ``j + 1`` stands iff it is that token, and
+    the first token that differs from its draft (or the one after the last draft) ends the run. A
+    sequence's penalties and ``min_tokens`` see each token before the next row is judged; rows are
+    judged position by position across the sequences, one batched sampler pass each. ``exact_logprobs``:
+    chosen logprobs by the trainer's own function (batch-invariant RL). Returns how many drafts of each
+    sequence stood."""
     offsets = [0]
     for d in drafts:
         offsets.append(offsets[-1] + 1 + len(d))
@@ -64,49 +68,20 @@ def accept(sampler: Sampler, logits: Tensor, seqs: Seq[Sequence], drafts: Seq[li
         if not live:
             break
         rows = logits[torch.tensor([offsets[i] + j for i in live], device=logits.device)]
-        samplings = [seqs[i].sampling for i in live]
-        proposed = [drafts[i][j] if j < len(drafts[i]) else -1 for i in live]
-        tokens = _judge(sampler.penalized_logits(rows, samplings), samplings, proposed)
-        result = sampler.result(rows, tokens, samplings)
+        result = sampler.sample(rows, [seqs[i].sampling for i in live])
         if exact_logprobs:
+            tokens = torch.tensor(result.tokens, device=rows.device)
             result.chosen_logprob = token_logprobs(rows, tokens, True).tolist()
         still = []
         for r, i in enumerate(live):
             token = result.tokens[r]
             goes_on = append(seqs[i], token, result.logprobs[r], result.chosen_logprob[r])
-            if token == proposed[r]:
+            if j < len(drafts[i]) and token == drafts[i][j]:
                 accepted[i] += 1
                 if goes_on:
                     still.append(i)
         live = still
     return accepted
-
-
-def _judge(work: Tensor, seqs: Seq[SequenceSampling], proposed: list[int]) -> Tensor:
-    """One token per row of penalised logits ``work [R, V]``: the proposed draft where it stands (greedy:
-    it is the argmax; sampled: with probability ``p(draft)``), else a draw from ``p`` without the draft;
-    rows proposing nothing (-1) sample plainly. Random numbers come from each row's own generator."""
-    dev = work.device
-    tokens = work.max(dim=-1).indices  # greedy rows: the argmax, standing or correcting
-    sampled = [r for r, s in enumerate(seqs) if not s.params.greedy]
-    if not sampled:
-        return tokens
-    sub = [seqs[r] for r in sampled]
-    x = processed_logits(work[torch.tensor(sampled, device=dev)], sub)  # [S, V]: -inf outside the kept set
-    logp = x.log_softmax(dim=-1)
-    chosen = []
-    for r, s, row, lp in zip(sampled, sub, x, logp, strict=True):
-        d = proposed[r]
-        if d >= 0:
-            u = float(torch.rand(1, generator=s.generator))
-            if u < math.exp(float(lp[d])):
-                chosen.append(d)
-                continue
-            row = row.clone()
-            row[d] = -math.inf  # the residual max(0, p - δ_d), renormalised
-        chosen.append(int(race(row[None], [s])[0]))
-    tokens[torch.tensor(sampled, device=dev)] = torch.tensor(chosen, device=dev)
-    return tokens
 
 
 class Drafter:
