@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -31,19 +32,16 @@ from dsv4.rl import algorithms
 from dsv4.testing.models import random_model
 from dsv4.testing.tokenizers import write_byte_tokenizer
 
-# The engine benchmark's shape (benchmarks/bench_engine.py) with a byte-level vocabulary and one MTP block.
-SPEC_CONFIG = dict(
-    vocab_size=512, hidden_size=512, num_hidden_layers=6, num_attention_heads=8, head_dim=128,
-    qk_rope_head_dim=32, q_lora_rank=256, o_groups=4, o_lora_rank=128, sliding_window=128,
-    index_n_heads=16, index_head_dim=64, index_topk=128, n_routed_experts=8, num_experts_per_tok=2,
-    moe_intermediate_size=256, compress_ratio_hca=128, max_position_embeddings=4096,
-    num_nextn_predict_layers=1,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import BENCH_CONFIG  # noqa: E402
+
+# The engine benchmark's shape with a byte-level vocabulary and one MTP block.
+SPEC_CONFIG = {**BENCH_CONFIG, "vocab_size": 512, "max_position_embeddings": 4096, "num_nextn_predict_layers": 1}
 NAMES = ["alice", "bob", "carol", "david", "emma", "frank", "grace", "henry", "irene", "jack", "karen", "louis",
          "maria", "nathan", "olivia", "peter", "quinn", "rachel", "samuel", "tina"]
-REPEATS = 3
 CITIES = ["paris", "lima", "oslo", "tokyo", "cairo", "delhi", "quito", "rome", "seoul", "vienna", "dublin",
           "madrid", "nairobi", "toronto", "sydney"]
+REPEATS = 3  # timed runs of each engine, interleaved; the best counts
 
 
 def record_task(rng: random.Random) -> tuple[str, str]:
