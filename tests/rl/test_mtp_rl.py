@@ -25,7 +25,7 @@ MODEL = dict(vocab_size=16, hidden_size=64, num_hidden_layers=3, head_dim=32, qk
 
 def test_completion_mtp_loss_is_the_sft_mtp_loss_on_the_completions() -> None:
     """The same number as SFT's MTP loss (one forward with ``mtp_ids``) restricted to completion targets,
-    and gradients reach the MTP block but no main-model layer."""
+    and gradients reach the MTP block but no main-model layer (the streams are computed without them)."""
     model = random_model(ModelConfig.tiny(**MODEL), seed=3)
     seqs = [[1, 5, 6, 7, 8, 9, 2], [1, 3, 4, 10, 11], [1, 12, 13, 14]]
     prompt_lens = [3, 2, 3]
@@ -47,9 +47,6 @@ def test_completion_mtp_loss_is_the_sft_mtp_loss_on_the_completions() -> None:
 
 def test_grpo_with_mtp_loss_trains_the_mtp_block(tmp_path: Path) -> None:
     tokenizer = write_char_tokenizer(tmp_path / "tok", ALPHABET)
-    policy = random_model(ModelConfig.tiny(**MODEL), seed=0)
-    engine = Engine(clone_model(policy), tokenizer=tokenizer,
-                    config=EngineConfig(max_model_len=32, max_num_seqs=256, return_token_logprobs=True))
 
     class Verifier:
         name, capabilities = "any", frozenset({"async"})
@@ -58,14 +55,26 @@ def test_grpo_with_mtp_loss_trains_the_mtp_block(tmp_path: Path) -> None:
             from dsv4.core.interfaces import VerifyResult
             return [VerifyResult(reward=float(s.completion[:1] in "01234"), correct=True) for s in samples]
 
-    cfg = GRPOConfig(prompts_per_step=4, group_size=4, max_new_tokens=4, dynamic_sampling=False, mtp_loss_coef=0.5,
-                     routing_replay=False, lr=1e-2)
-    trainer = GRPOTrainer(policy, engine, Verifier(), lambda n, salt: AdditionTask(1, seed=salt).sample(n),  # type: ignore[arg-type]
-                          cfg, seed=0)
-    before = [p.detach().clone() for p in policy.mtp.parameters()]
-    metrics = trainer.step(0)
+    def trained(coef: float) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+        model = random_model(ModelConfig.tiny(**MODEL), seed=0)
+        engine = Engine(clone_model(model), tokenizer=tokenizer,
+                        config=EngineConfig(max_model_len=32, max_num_seqs=256, return_token_logprobs=True))
+        # no clipping: the MTP gradients must not rescale the policy's through a shared norm
+        cfg = GRPOConfig(prompts_per_step=4, group_size=4, max_new_tokens=4, dynamic_sampling=False,
+                         mtp_loss_coef=coef, routing_replay=False, lr=1e-2, grad_clip=1e9)
+        trainer = GRPOTrainer(model, engine, Verifier(), lambda n, salt: AdditionTask(1, seed=salt).sample(n),  # type: ignore[arg-type]
+                              cfg, seed=0)
+        metrics = trainer.step(0)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics
+
+    without, _ = trained(0.0)
+    with_mtp, metrics = trained(0.5)
     assert metrics["policy_mtp_loss"] > 0
-    assert any(not torch.equal(a, b) for a, b in zip(before, policy.mtp.parameters(), strict=True))
+    for name, value in with_mtp.items():  # the block moved, the policy (head and embedding included) did not
+        if name.startswith("mtp."):
+            continue
+        assert torch.equal(value, without[name]), name
+    assert any(not torch.equal(v, without[k]) for k, v in with_mtp.items() if k.startswith("mtp."))
     problems = AdditionTask(1, seed=1).sample(8)
-    length = spec_accept_length(policy, tokenizer, problems, 4)
+    length = spec_accept_length(random_model(ModelConfig.tiny(**MODEL), seed=0), tokenizer, problems, 4)
     assert length is not None and 1.0 <= length <= 4.0

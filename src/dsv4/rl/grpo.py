@@ -84,7 +84,8 @@ class GRPOConfig(BaseModel):
     seq_balance_loss_coef: float | None = Field(default=None, ge=0)
     # Weight of the MTP head's loss on the rollouts (dsv4.rl.policy.completion_mtp_loss; 0: off): keeps the
     # MTP block's drafts in tune with the policy RL moves (speculative decoding's acceptance). Trains the
-    # block on the policy's streams without gradients into the policy; one more forward per micro-batch.
+    # block's own weights on the policy's streams, nothing of the policy (not the head and embedding the
+    # block shares with it); one more forward per micro-batch.
     mtp_loss_coef: float = Field(default=0.0, ge=0)
 
 
@@ -249,12 +250,12 @@ class GRPOTrainer:
                 balance = out.aux_losses["seq_balance"]
                 loss = loss + (cfg.seq_balance_loss_coef or 0.0) * balance
                 stats["seq_balance_loss"] = float(balance.detach())
-            if cfg.mtp_loss_coef > 0 and len(self.policy.mtp):
-                mtp = completion_mtp_loss(self.policy, batch)
-                loss = loss + cfg.mtp_loss_coef * mtp
-                stats["mtp_loss"] = float(mtp.detach())
             # The mini-batch's loss is this part's, weighted by its share of the normaliser.
             share = float(mask.sum()) / tokens if cfg.loss_norm == "token" else len(chunk) / len(rollouts)
+            if cfg.mtp_loss_coef > 0 and len(self.policy.mtp):
+                mtp = completion_mtp_loss(self.policy, batch)
+                _accumulate_grad(list(self.policy.mtp.parameters()), cfg.mtp_loss_coef * share * mtp)
+                stats["mtp_loss"] = float(mtp.detach())
             torch.autograd.backward(loss if len(parts) == 1 else loss * share)
             loss_total += float(loss.detach()) * share
             acc.add(stats, float(mask.sum()))
@@ -334,6 +335,15 @@ class GRPOTrainer:
 
 def _mean(xs: Sequence[float]) -> float:
     return float(sum(xs) / len(xs)) if xs else 0.0
+
+
+def _accumulate_grad(params: list[torch.nn.Parameter], loss: torch.Tensor) -> None:
+    """Add ``loss``'s gradient to ``params``' and to nothing else (the MTP loss trains the MTP block's own
+    weights, not the head and embedding it shares with the policy)."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for param, grad in zip(params, grads, strict=True):
+        if grad is not None:
+            param.grad = grad if param.grad is None else param.grad + grad
 
 
 def spec_accept_length(model: Transformer, tokenizer: Tokenizer, problems: Sequence[Problem],

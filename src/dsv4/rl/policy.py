@@ -160,9 +160,9 @@ def completion_mtp_loss(model: Transformer, batch: CompletionBatch) -> torch.Ten
     """The MTP head's loss on the completion tokens of ``batch`` (its next-next-token cross entropy, as
     SFT trains it), on the main model's streams computed without gradients: training the policy with
     RL moves the streams the MTP block drafts from, and this keeps the block in tune with them (its
-    drafts' acceptance) without the MTP objective pulling on the policy itself. One extra forward
-    of the main model, with every sequence whole (a parent's last row would need one next token per
-    child)."""
+    drafts' acceptance). The loss still reaches the head and embedding the block shares with the
+    policy; GRPO applies its gradient to the block's own weights only. One extra forward of the main
+    model, with every sequence whole (a parent's last row would need one next token per child)."""
     device = model.embed.weight.device
     seqs = [seq[:-1] for seq in batch.sequences]  # rows with a next token
     with torch.no_grad():
