@@ -259,7 +259,12 @@ class GRPOTrainer:
             torch.autograd.backward(loss if len(parts) == 1 else loss * share)
             loss_total += float(loss.detach()) * share
             acc.add(stats, float(mask.sum()))
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+        # The MTP block is trained by its own loss alone: clipped apart, so that it cannot rescale the policy's step.
+        mtp = {id(p) for p in self.policy.mtp.parameters()}
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if id(p) not in mtp],
+                                                   cfg.grad_clip)
+        if cfg.mtp_loss_coef > 0:
+            torch.nn.utils.clip_grad_norm_(list(self.policy.mtp.parameters()), cfg.grad_clip)
         self.optimizer.step()
         acc.balance = self.balancer.step()
         acc.losses.append(loss_total)
