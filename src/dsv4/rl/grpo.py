@@ -260,8 +260,8 @@ class GRPOTrainer:
             loss_total += float(loss.detach()) * share
             acc.add(stats, float(mask.sum()))
         # The MTP block is trained by its own loss alone: clipped apart, so that it cannot rescale the policy's step.
-        mtp = {id(p) for p in self.policy.mtp.parameters()}
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if id(p) not in mtp],
+        drafter = {id(p) for p in self.policy.mtp.parameters()}
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if id(p) not in drafter],
                                                    cfg.grad_clip)
         if cfg.mtp_loss_coef > 0:
             torch.nn.utils.clip_grad_norm_(list(self.policy.mtp.parameters()), cfg.grad_clip)
