@@ -358,8 +358,9 @@ def spec_accept_length(model: Transformer, tokenizer: Tokenizer, problems: Seque
     without an MTP block."""
     if not len(model.mtp):
         return None
-    engine = Engine(clone_model(model), tokenizer=tokenizer, speculative="mtp", speculative_max_batch=len(problems),
-                    max_num_seqs=len(problems), prefix_cache=False)
+    batch = min(len(problems), 64)
+    engine = Engine(clone_model(model), tokenizer=tokenizer, speculative="mtp", speculative_max_batch=batch,
+                    max_num_seqs=batch, prefix_cache=False)
     engine.generate([tokenizer.encode(p.prompt) for p in problems],
                     SamplingParams(temperature=0, max_tokens=max_new_tokens))
     return float(engine.spec_stats()["accept_length"])
