@@ -115,3 +115,11 @@ def test_auto_prefers_an_installed_hardware_plugin_where_it_serves() -> None:
     assert on_cpu.kernels["inference"] == "cpu"  # it refuses the CPU; dsv4's native kernels serve it
     plain = choose_plugins(CFG, CPU, registry=registry, native_kernels=False, packed_weights=False)
     assert plain.kernels["inference"] == "reference"
+
+
+def test_a_model_that_ran_native_plugins_serves_a_batch_invariant_engine() -> None:
+    """dsv4's own plugins (the native ``cpu`` ones included) are swapped under "auto": a model an engine ran
+    with them can then be handed to a batch-invariant engine."""
+    held = PluginChoice("cpu", "cpu", {"autograd": "reference", "inference": "cpu", "batch_invariant": "batch_invariant"})
+    choice = choose_plugins(CFG, CPU, current=held, batch_invariant=True)
+    assert (choice.attention_backend, choice.expert_executor) == ("reference", "reference")

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import dsv4
 from dsv4 import Engine, SamplingParams
@@ -385,3 +387,33 @@ def test_stop_strings_inside_accepted_drafts(model: Transformer, tmp_path) -> No
             w.outputs[0].text, w.outputs[0].token_ids, w.outputs[0].finish_reason, w.outputs[0].stop_reason)
         assert w.outputs[0].finish_reason == "stop"
     assert engine.stats["spec_accepted_tokens"] > 0
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**16), chunk=st.sampled_from([4, 9, 64]), page=st.sampled_from([2, 4, 16]),
+       tight=st.booleans(), noise=st.sampled_from([0.0, 0.3, 1.0]), k=st.sampled_from([1, 3]))
+def test_speculation_changes_nothing_on_random_streams(model: Transformer, seed: int, chunk: int, page: int,
+                                                       tight: bool, noise: float, k: int) -> None:
+    """RL rollouts with speculation: random requests (greedy and seeded sampling, n = 1 or 2), chunked
+    prefill, pools tight enough to preempt; in batch-invariant numerics the tokens, logprobs, chosen-token
+    logprobs and routing records are bit-identical to decoding without drafts."""
+    rng = random.Random(seed)
+    prompts = _prompts(5, rng, longest=24)
+    params = [SamplingParams(n=rng.choice([1, 2]), temperature=rng.choice([0.0, 0.9]), seed=i,
+                             max_tokens=rng.randint(1, 16), ignore_eos=True, logprobs=1) for i in range(5)]
+    room = dict(kv_cache_tokens=100, window_checkpoints=1, max_num_seqs=3) if tight else {}
+    options = dict(batch_invariant=True, return_token_logprobs=True, record_routing=True,
+                   max_num_batched_tokens=chunk, page_size=page, **room)
+    plain = Engine(model, **options).generate(prompts, params)  # type: ignore[arg-type]
+    truth = {tuple(p): o.outputs[0].token_ids for p, o in zip(prompts, plain, strict=True)}
+    engine = _spec_engine(model, _Oracle(truth, noise, seed=seed), num_speculative_tokens=k, **options)
+    spec = engine.generate(prompts, params)
+    assert engine.stats["spec_draft_tokens"] > 0
+    for a, b in zip(spec, plain, strict=True):
+        for x, y in zip(a.outputs, b.outputs, strict=True):
+            assert (x.token_ids, x.finish_reason, x.logprobs, x.token_logprobs) == (
+                y.token_ids, y.finish_reason, y.logprobs, y.token_logprobs)
+            assert x.routing is not None and y.routing is not None
+            for mine, theirs in ((x.routing.experts, y.routing.experts), (x.routing.indexer, y.routing.indexer)):
+                assert mine.keys() == theirs.keys()
+                assert all(torch.equal(mine[key], theirs[key]) for key in mine)

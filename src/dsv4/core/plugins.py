@@ -240,7 +240,12 @@ def reset_registry() -> None:
 # ------------------------------------------------------------------------------------------------ "auto"
 AUTO = "auto"
 # Built-in PyTorch implementations that "auto" may swap on a model passed in (other plugins it keeps).
-_SWAPPABLE = frozenset({"reference", "grouped", "batch_invariant"})
+def _built_in(reg: Registry, kind: str, name: str) -> bool:
+    """Whether ``name`` is one of dsv4's own implementations (what ``"auto"`` may swap for another)."""
+    try:
+        return reg.provider(kind, name).plugin == "builtin"
+    except PluginError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +286,8 @@ def choose_plugins(
 
     A named kernel set computes every mode it declares; the other modes get the ``"auto"`` choice.
     ``current`` holds the plugins of a model passed in: under ``"auto"`` it keeps any that is not one
-    of the built-in PyTorch implementations. A named plugin that refuses the configuration raises
+    of dsv4's own (a third party's), and swaps dsv4's own for the auto choice (a model an engine ran with
+    the native ``cpu`` plugins can then serve a batch-invariant engine). A named plugin that refuses the configuration raises
     :class:`PluginError` with its reason.
     """
     reg = registry or get_registry()
@@ -289,7 +295,7 @@ def choose_plugins(
     def pick(kind: str, name: str, prefer: Sequence[str], held: str | None, *args: Any) -> str:
         if name != AUTO:
             return str(reg.select(kind, name, config, device, *args).name)
-        if held is not None and held not in _SWAPPABLE:
+        if held is not None and not _built_in(reg, kind, held):
             return held
         return str(reg.first_available(kind, config, device, *args, prefer=prefer).name)
 

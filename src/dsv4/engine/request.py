@@ -106,10 +106,12 @@ class Sequence:
         )
 
     def _routing(self) -> Routing:
-        log = self.routing_log
+        # Every token's but the last: a sequence ends before computing its last token, except when that
+        # token was a verified draft (speculative decoding), whose row is then left out alike.
+        log, rows = self.routing_log, self.num_tokens - 1
         return Routing(
-            experts={k: torch.cat([t.experts[k][s : s + n] for t, s, n in log]) for k in log[0][0].experts},
-            indexer={k: torch.cat([t.indexer[k][s : s + n] for t, s, n in log]) for k in log[0][0].indexer},
+            experts={k: torch.cat([t.experts[k][s : s + n] for t, s, n in log])[:rows] for k in log[0][0].experts},
+            indexer={k: torch.cat([t.indexer[k][s : s + n] for t, s, n in log])[:rows] for k in log[0][0].indexer},
         )
 
 
